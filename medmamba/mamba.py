@@ -1,0 +1,89 @@
+"""Mamba block, parameter-compatible with ``mamba_ssm.Mamba`` (v1).
+
+Same parameter names, shapes and initialisation, so state dicts of published checkpoints (U-Mamba,
+LightM-UNet, ...) load with ``strict=True``. The scan goes through ``medmamba.kernels.selective_scan``
+(Triton on CUDA, PyTorch elsewhere); its state is float32 whatever autocast does to the projections.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medmamba.kernels import selective_scan
+
+
+class Mamba(nn.Module):
+    """Selective state-space block: (batch, L, d_model) -> (batch, L, d_model).
+
+    Arguments follow ``mamba_ssm.Mamba``. ``use_fast_path``, ``layer_idx``, ``device`` and ``dtype`` are
+    accepted for drop-in compatibility; ``scan_backend`` forces a selective-scan backend ("torch",
+    "triton") instead of choosing by device.
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
+                 use_fast_path=True, layer_idx=None, device=None, dtype=None, scan_backend=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.layer_idx = layer_idx
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        self.activation = "silu"
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+        # dt_proj: weight so that dt starts at the same variance; bias = softplus^-1 of dt in [dt_min, dt_max].
+        std = self.dt_rank ** -0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                self.dt_proj.weight.fill_(std)
+            else:
+                self.dt_proj.weight.uniform_(-std, std)
+            dt = torch.exp(torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min))
+                           + math.log(dt_min)).clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real initialisation: A = -(1..N) for every channel, stored as log.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+
+    def forward(self, hidden_states, inference_params=None):
+        if inference_params is not None:
+            raise NotImplementedError("Mamba: step-wise decoding (inference_params) is not supported; "
+                                      "pass the whole sequence")
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba: expected input (batch, L, d_model={self.d_model}), "
+                             f"got shape {tuple(hidden_states.shape)}")
+        batch, length, _ = hidden_states.shape
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2*d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        x = self.act(self.conv1d(x)[..., :length])
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias is added inside the scan
+        A = -torch.exp(self.A_log.float())
+        dtype = x.dtype
+        y = selective_scan(x.contiguous(), dt.to(dtype).contiguous(), A, B.transpose(1, 2).to(dtype).contiguous(),
+                           C.transpose(1, 2).to(dtype).contiguous(), self.D.float(), z=z.to(dtype).contiguous(),
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend)
+        return self.out_proj(y.transpose(1, 2))
