@@ -1,0 +1,408 @@
+"""Triton selective scan, forward and backward, parallel over the sequence.
+
+Built for volumes, where L is huge (64^3 .. 128^3 tokens) and dim is small: mamba_ssm runs one
+(batch, channel) row per block and walks L serially, which leaves a GPU idle at 3D lengths. Here L is
+cut into tiles of T steps and every tile is its own program (grid: channel parts x tiles x batch):
+
+forward   1. each tile reduces its steps to a summary (P = prod a, H = local end state)   (_fwd_kernel)
+          2. a short scan over the tile summaries gives every tile's incoming state      (_carry_kernel)
+          3. each tile rescans from that state and writes y (with D, z gate fused)       (_fwd_kernel)
+backward  1. each tile reduces its adjoint contribution R = sum_t (prod_{<=t} a) C_t dy_t (_bwd_summary_kernel)
+          2. the carry scan runs backwards over tiles                                   (_carry_kernel)
+          3. each tile recomputes its states from the saved tile-boundary state, runs the
+             adjoint scan and writes every gradient                                     (_bwd_kernel)
+
+State and accumulation are float32; inputs may be fp32/bf16/fp16. Nothing of size (batch, dim, L, N)
+touches memory: the saved states are (batch, dim, N, L/T). A program covers a range of channels of
+one group, so the group's B/C tile is loaded once and dB/dC are reduced in registers. Every exponent
+is dt*A <= 0 and padding is (a=1, b=0): nothing divides by a decay.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2. With reverse=True the later step comes first.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _load_dt(delta_ptr, bias_ptr, off, d, mask, md, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta tile -> (dt after bias/softplus with padding at 0, raw pre-softplus value)."""
+    raw = tl.load(delta_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + d, mask=md, other=0.0)[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, sumP_ptr, sumH_ptr,
+                dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group,
+                N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                WRITE_Y: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    g = pid_p // parts_per_group
+    d_lo = g * dims_per_group + (pid_p % parts_per_group) * dims_per_part
+    d_hi = tl.minimum(d_lo + dims_per_part, (g + 1) * dims_per_group)
+    t = pid_c * T + tl.arange(0, T)
+    mt = t < length
+    n = tl.arange(0, NP)
+    mn = n < N
+    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + t[:, None]
+    m_bc = mt[:, None] & mn[None, :]
+    Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)  # (T, NP)
+    if WRITE_Y:
+        Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
+    for d0 in range(d_lo, d_hi, BD):
+        d = d0 + tl.arange(0, BD)
+        md = d < d_hi
+        off = (pid_b * dim + d[:, None]).to(tl.int64) * length + t[None, :]
+        m2 = md[:, None] & mt[None, :]
+        dt, raw = _load_dt(delta_ptr, bias_ptr, off, d, m2, md, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
+        a = tl.exp(dt[:, :, None] * A[:, None, :])  # (BD, T, NP)
+        bx = (dt * u)[:, :, None] * Bt[None, :, :]
+        s_off = ((pid_b * dim + d[:, None]) * NP + n[None, :]).to(tl.int64) * n_tiles + pid_c  # (BD, NP)
+        m_s = md[:, None] & (n[None, :] < NP)
+        if WRITE_Y:
+            h0 = tl.load(sumH_ptr + s_off - 1, mask=m_s & (pid_c > 0), other=0.0)
+            acum, hloc = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)
+            h = hloc + acum * h0[:, None, :]
+            y = tl.sum(h * Ct[None, :, :], axis=2)  # (BD, T)
+            if HAS_D:
+                y += tl.load(D_ptr + d, mask=md, other=0.0)[:, None] * u
+            if HAS_Z:
+                z = tl.load(z_ptr + off, mask=m2, other=0.0).to(tl.float32)
+                y *= z * _sigmoid(z)
+            tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m2)
+        else:
+            P, H = tl.reduce((a, bx), axis=1, combine_fn=_combine)
+            tl.store(sumP_ptr + s_off, P, mask=m_s)
+            tl.store(sumH_ptr + s_off, H, mask=m_s)
+
+
+@triton.jit
+def _carry_kernel(sumP_ptr, sumH_ptr, init_ptr, n_tiles, NP: tl.constexpr, CB: tl.constexpr,
+                  REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Inclusive scan over tiles of h -> P h + H, per (batch, channel, state); result replaces sumH."""
+    row = tl.program_id(0)
+    n = tl.arange(0, NP)
+    if HAS_INIT:
+        carry = tl.load(init_ptr + row * NP + n)
+    else:
+        carry = tl.zeros([NP], dtype=tl.float32)
+    for c0 in range(0, n_tiles, CB):
+        k = c0 + tl.arange(0, CB)
+        mk = k < n_tiles
+        if REVERSE:
+            c = n_tiles - 1 - k
+        else:
+            c = k
+        off = (row * NP + n[:, None]).to(tl.int64) * n_tiles + c[None, :]
+        m = mk[None, :] & (n[:, None] < NP)
+        P = tl.load(sumP_ptr + off, mask=m, other=1.0)
+        H = tl.load(sumH_ptr + off, mask=m, other=0.0)
+        accP, accH = tl.associative_scan((P, H), axis=1, combine_fn=_combine)
+        tl.store(sumH_ptr + off, accH + accP * carry[:, None], mask=m)
+        totP, totH = tl.reduce((P, H), axis=1, combine_fn=_combine)
+        carry = totH + totP * carry
+
+
+@triton.jit
+def _gate_grad(dout, u, y_ssm, z, Dv, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """From d(out) to d(y_ssm) and d(z) for out = (y_ssm + D u) * silu(z)."""
+    if HAS_Z:
+        sz = _sigmoid(z)
+        pre = y_ssm
+        if HAS_D:
+            pre += Dv[:, None] * u
+        dz = dout * pre * sz * (1.0 + z * (1.0 - sz))
+        dy = dout * z * sz
+    else:
+        dz = dout
+        dy = dout
+    return dy, dz
+
+
+@triton.jit
+def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, sumH_ptr,
+                        sumP_ptr, sumR_ptr, B_ptr,
+                        dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group,
+                        N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SOFTPLUS: tl.constexpr):
+    """Per tile: P = prod a and R = sum_t (prod_{s<=t} a_s) C_t dy_t (the adjoint sent to the tile before)."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    g = pid_p // parts_per_group
+    d_lo = g * dims_per_group + (pid_p % parts_per_group) * dims_per_part
+    d_hi = tl.minimum(d_lo + dims_per_part, (g + 1) * dims_per_group)
+    t = pid_c * T + tl.arange(0, T)
+    mt = t < length
+    n = tl.arange(0, NP)
+    mn = n < N
+    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + t[:, None]
+    m_bc = mt[:, None] & mn[None, :]
+    Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
+    if HAS_Z:
+        Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
+    for d0 in range(d_lo, d_hi, BD):
+        d = d0 + tl.arange(0, BD)
+        md = d < d_hi
+        off = (pid_b * dim + d[:, None]).to(tl.int64) * length + t[None, :]
+        m2 = md[:, None] & mt[None, :]
+        dt, raw = _load_dt(delta_ptr, bias_ptr, off, d, m2, md, HAS_BIAS, SOFTPLUS)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
+        logcum = tl.cumsum(dt[:, :, None] * A[:, None, :], axis=1)  # <= 0
+        dout = tl.load(dout_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        s_off = ((pid_b * dim + d[:, None]) * NP + n[None, :]).to(tl.int64) * n_tiles + pid_c
+        m_s = md[:, None] & (n[None, :] < NP)
+        if HAS_Z:
+            # the gate needs y_ssm: recompute the tile's states
+            u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            if HAS_D:
+                Dv = tl.load(D_ptr + d, mask=md, other=0.0)
+            else:
+                Dv = tl.zeros([BD], dtype=tl.float32)
+            a = tl.exp(dt[:, :, None] * A[:, None, :])
+            bx = (dt * u)[:, :, None] * Bt[None, :, :]
+            h0 = tl.load(sumH_ptr + s_off - 1, mask=m_s & (pid_c > 0), other=0.0)
+            acum, hloc = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)
+            y_ssm = tl.sum((hloc + acum * h0[:, None, :]) * Ct[None, :, :], axis=2)
+            dy, dz = _gate_grad(dout, u, y_ssm, z, Dv, HAS_D, HAS_Z)
+        else:
+            dy = dout
+        R = tl.sum(tl.exp(logcum) * Ct[None, :, :] * dy[:, :, None], axis=1)
+        P = tl.exp(tl.sum(dt[:, :, None] * A[:, None, :], axis=1))
+        tl.store(sumP_ptr + s_off, P, mask=m_s)
+        tl.store(sumR_ptr + s_off, R, mask=m_s)
+
+
+@triton.jit
+def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, sumH_ptr, sumE_ptr,
+                dlast_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+                dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group,
+                N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    g = pid_p // parts_per_group
+    d_lo = g * dims_per_group + (pid_p % parts_per_group) * dims_per_part
+    d_hi = tl.minimum(d_lo + dims_per_part, (g + 1) * dims_per_group)
+    tl_ = tl.arange(0, T)
+    t = pid_c * T + tl_
+    mt = t < length
+    # a_{t+1} inside the tile; the last step's successor is folded into the incoming adjoint E
+    m_next = (tl_ < T - 1) & (t + 1 < length)
+    n = tl.arange(0, NP)
+    mn = n < N
+    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + t[:, None]
+    m_bc = mt[:, None] & mn[None, :]
+    Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
+    dB_acc = tl.zeros([T, NP], dtype=tl.float32)
+    dC_acc = tl.zeros([T, NP], dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BD):
+        d = d0 + tl.arange(0, BD)
+        md = d < d_hi
+        off = (pid_b * dim + d[:, None]).to(tl.int64) * length + t[None, :]
+        m2 = md[:, None] & mt[None, :]
+        dt, raw = _load_dt(delta_ptr, bias_ptr, off, d, m2, md, HAS_BIAS, SOFTPLUS)
+        dt_next, raw_next = _load_dt(delta_ptr, bias_ptr, off + 1, d, md[:, None] & m_next[None, :], md,
+                                     HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d, mask=md, other=0.0)
+        else:
+            Dv = tl.zeros([BD], dtype=tl.float32)
+        a = tl.exp(dt[:, :, None] * A[:, None, :])
+        bx = (dt * u)[:, :, None] * Bt[None, :, :]
+        s_off = ((pid_b * dim + d[:, None]) * NP + n[None, :]).to(tl.int64) * n_tiles + pid_c
+        m_s = md[:, None] & (n[None, :] < NP)
+        h0 = tl.load(sumH_ptr + s_off - 1, mask=m_s & (pid_c > 0), other=0.0)
+        acum, hloc = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)
+        hs = hloc + acum * h0[:, None, :]
+        y_ssm = tl.sum(hs * Ct[None, :, :], axis=2)
+        if HAS_Z:
+            z = tl.load(z_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        else:
+            z = dout
+        dy, dz = _gate_grad(dout, u, y_ssm, z, Dv, HAS_D, HAS_Z)
+        # incoming adjoint from the tiles after this one: E = a_{t1} dh_{t1}
+        is_last = pid_c == n_tiles - 1
+        E = tl.load(sumE_ptr + s_off + 1, mask=m_s & (pid_c + 1 < n_tiles), other=0.0)
+        if HAS_DLAST:
+            E += tl.load(dlast_ptr + (pid_b * dim + d[:, None]) * N + n[None, :],
+                         mask=md[:, None] & mn[None, :] & is_last, other=0.0)
+        a_next = tl.exp(dt_next[:, :, None] * A[:, None, :])
+        gC = Ct[None, :, :] * dy[:, :, None]
+        rprod, racc = tl.associative_scan((a_next, gC), axis=1, combine_fn=_combine, reverse=True)
+        dh = racc + rprod * E[:, None, :]
+        dlog_a = dh * (hs - bx)  # dh_t * a_t h_{t-1}: gradient w.r.t. dt_t * A
+        dhB = tl.sum(dh * Bt[None, :, :], axis=2)
+        ddt = tl.sum(dlog_a * A[:, None, :], axis=2) + dhB * u
+        du = dhB * dt
+        if HAS_D:
+            du += dy * Dv[:, None]
+        dB_acc += tl.sum(dh * (dt * u)[:, :, None], axis=0)
+        dC_acc += tl.sum(hs * dy[:, :, None], axis=0)
+        if SOFTPLUS:
+            ddt = ddt * _sigmoid(raw)
+        ddt = tl.where(m2, ddt, 0.0)
+        tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddelta_ptr + off, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        if HAS_Z:
+            tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+        part = (pid_b * n_tiles + pid_c).to(tl.int64) * dim
+        tl.store(dA_part_ptr + (part + d[:, None]) * N + n[None, :], tl.sum(dlog_a * dt[:, :, None], axis=1),
+                 mask=md[:, None] & mn[None, :])
+        if HAS_D:
+            tl.store(dD_part_ptr + part + d, tl.sum(tl.where(m2, dy * u, 0.0), axis=1), mask=md)
+        if HAS_BIAS:
+            tl.store(dbias_part_ptr + part + d, tl.sum(ddt, axis=1), mask=md)
+    if ATOMIC_BC:
+        tl.atomic_add(dB_ptr + bc_off, dB_acc, mask=m_bc)
+        tl.atomic_add(dC_ptr + bc_off, dC_acc, mask=m_bc)
+    else:
+        tl.store(dB_ptr + bc_off, dB_acc, mask=m_bc)
+        tl.store(dC_ptr + bc_off, dC_acc, mask=m_bc)
+
+
+def _launch_config(batch, dim, dstate, length, groups, device, tile=None, parts=None):
+    """Tile length T, channels per step BD, and how many programs share one group's channels."""
+    NP = triton.next_power_of_2(dstate)
+    T = tile or min(64, max(16, triton.next_power_of_2(length)))
+    BD = max(1, min(16, 4096 // (T * NP)))
+    n_tiles = triton.cdiv(length, T)
+    dims_per_group = dim // groups
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 1  # the interpreter runs programs one by one: fewer, fuller programs are faster
+    if parts is None:
+        parts = triton.cdiv(target, batch * n_tiles * groups)
+    parts = max(1, min(triton.cdiv(dims_per_group, BD), parts))
+    dims_per_part = triton.cdiv(dims_per_group, parts)
+    parts = triton.cdiv(dims_per_group, dims_per_part)
+    return dict(NP=NP, T=T, BD=BD, n_tiles=n_tiles, dims_per_group=dims_per_group,
+                dims_per_part=dims_per_part, parts_per_group=parts)
+
+
+def _carry(sumP, sumH, init, n_tiles, NP, reverse):
+    rows = sumP.shape[0] * sumP.shape[1]
+    CB = min(256, triton.next_power_of_2(n_tiles))
+    _carry_kernel[(rows,)](sumP, sumH, init if init is not None else sumH, n_tiles, NP=NP, CB=CB,
+                           REVERSE=reverse, HAS_INIT=init is not None)
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, tile, parts):
+        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+        z = z.contiguous() if z is not None else None
+        A = A.contiguous()
+        batch, dim, length = u.shape
+        groups, dstate = B.shape[1], A.shape[1]
+        cfg = _launch_config(batch, dim, dstate, length, groups, u.device, tile, parts)
+        NP, n_tiles = cfg["NP"], cfg["n_tiles"]
+        sumP = torch.empty(batch, dim, NP, n_tiles, device=u.device, dtype=torch.float32)
+        sumH = torch.empty_like(sumP)
+        y = torch.empty_like(u)
+        grid = (groups * cfg["parts_per_group"], n_tiles, batch)
+        common = dict(N=dstate, NP=NP, BD=cfg["BD"], T=cfg["T"], HAS_D=D is not None, HAS_Z=z is not None,
+                      HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
+        args = (dim, length, n_tiles, groups, cfg["dims_per_group"], cfg["dims_per_part"], cfg["parts_per_group"])
+        dummy = u  # stands in for absent optional pointers; never read
+        ptrs = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+                delta_bias if delta_bias is not None else dummy)
+        _fwd_kernel[grid](*ptrs, y, sumP, sumH, *args, WRITE_Y=False, **common)
+        _carry(sumP, sumH, None, n_tiles, NP, reverse=False)  # sumH now holds every tile's end state
+        _fwd_kernel[grid](*ptrs, y, sumP, sumH, *args, WRITE_Y=True, **common)
+        last = sumH[:, :, :dstate, -1].contiguous()
+        del sumP
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, sumH)
+        ctx.softplus, ctx.tile, ctx.parts = softplus, tile, parts
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, sumH = ctx.saved_tensors
+        dout = dout.contiguous()
+        batch, dim, length = u.shape
+        groups, dstate = B.shape[1], A.shape[1]
+        cfg = _launch_config(batch, dim, dstate, length, groups, u.device, ctx.tile, ctx.parts)
+        NP, n_tiles = cfg["NP"], cfg["n_tiles"]
+        grid = (groups * cfg["parts_per_group"], n_tiles, batch)
+        common = dict(N=dstate, NP=NP, BD=cfg["BD"], T=cfg["T"], HAS_D=D is not None, HAS_Z=z is not None,
+                      HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus)
+        args = (dim, length, n_tiles, groups, cfg["dims_per_group"], cfg["dims_per_part"], cfg["parts_per_group"])
+        dummy = u
+        Dp = D if D is not None else dummy
+        zp = z if z is not None else dummy
+        bp = delta_bias if delta_bias is not None else dummy
+        sumP = torch.empty_like(sumH)
+        sumE = torch.empty_like(sumH)
+        _bwd_summary_kernel[grid](u, delta, A, C, Dp, zp, bp, dout, sumH, sumP, sumE, B, *args, **common)
+        has_dlast = dlast is not None and bool(dlast.any())
+        init = None
+        if has_dlast:
+            dlast = dlast.float().contiguous()
+            init = torch.zeros(batch, dim, NP, device=u.device, dtype=torch.float32)
+            init[:, :, :dstate] = dlast
+        _carry(sumP, sumE, init, n_tiles, NP, reverse=True)  # sumE[c] = a dh at the first step of tile c
+        del sumP
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        atomic = cfg["parts_per_group"] > 1
+        alloc = torch.zeros if atomic else torch.empty
+        dB = alloc(B.shape, device=u.device, dtype=torch.float32)
+        dC = alloc(C.shape, device=u.device, dtype=torch.float32)
+        dA_part = torch.empty(batch * n_tiles, dim, dstate, device=u.device, dtype=torch.float32)
+        dD_part = torch.empty(batch * n_tiles, dim, device=u.device, dtype=torch.float32) if D is not None else None
+        dbias_part = torch.empty(batch * n_tiles, dim, device=u.device, dtype=torch.float32) \
+            if delta_bias is not None else None
+        _bwd_kernel[grid](u, delta, A, B, C, Dp, zp, bp, dout, sumH, sumE, dlast if has_dlast else dummy,
+                          du, ddelta, dz if dz is not None else dummy, dB, dC, dA_part,
+                          dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+                          *args, HAS_DLAST=has_dlast, ATOMIC_BC=atomic, **common)
+        dA = dA_part.sum(0)
+        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None, None
+
+
+def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, tile=None, parts=None):
+    """Checked, normalised inputs (B and C as (batch, G, N, L)); returns (y, last_state).
+
+    ``tile`` overrides the tile length (a power of two) and ``parts`` the number of programs sharing a
+    group's channels (> 1 reduces dB/dC with atomics); tests use them to reach every code path.
+    """
+    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, tile, parts)
