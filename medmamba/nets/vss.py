@@ -105,22 +105,26 @@ class PatchMerging(nn.Module):
             pad += [0, s % 2]
         if any(pad):
             x = F.pad(x, [0, 0] + pad)
-            spatial = x.shape[1:-1]
-        b, c = x.shape[0], x.shape[-1]
-        half = [s // 2 for s in spatial]
-        view = [b]
-        for h in half:
-            view += [h, 2]
-        x = x.reshape(*view, c)
-        n = self.spatial_dims
-        # (B, h0, 2, h1, 2, [h2, 2,] C) -> (B, h0, h1, [h2,] 2, 2, [2,] C)
-        order = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [2 * n + 1]
-        x = x.permute(order).reshape(b, *half, (2 ** n) * c)
+        x = _space_to_depth_last(x, 2, self.spatial_dims)
         return self.reduction(self.norm(x))
 
 
+def _space_to_depth_last(x: torch.Tensor, scale: int, spatial_dims: int) -> torch.Tensor:
+    """(B, *S, C) -> (B, *S/scale, scale^d * C), channels-last; channel layout (r0, r1, [r2,] C), C fastest."""
+    b, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
+    small = [s // scale for s in spatial]
+    view = [b]
+    for s in small:
+        view += [s, scale]
+    x = x.reshape(*view, c)
+    n = spatial_dims
+    # (B, s0, r0, s1, r1, [s2, r2,] C) -> (B, s0, s1, [s2,] r0, r1, [r2,] C)
+    order = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [2 * n + 1]
+    return x.permute(order).reshape(b, *small, (scale ** n) * c)
+
+
 def _pixel_shuffle_last(x: torch.Tensor, scale: int, spatial_dims: int) -> torch.Tensor:
-    """(B, *S, scale^d * C) -> (B, *S*scale, C), channels-last."""
+    """(B, *S, scale^d * C) -> (B, *S*scale, C), channels-last; inverse of ``_space_to_depth_last``."""
     b, spatial, c_all = x.shape[0], x.shape[1:-1], x.shape[-1]
     c = c_all // scale ** spatial_dims
     x = x.reshape(b, *spatial, *([scale] * spatial_dims), c)
