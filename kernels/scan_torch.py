@@ -26,38 +26,34 @@ def chunk_length(batch: int, dim: int, dstate: int, length: int) -> int:
 
 
 def _doubling_scan(a, b, h0=None):
-    """Inclusive scan of h_t = a_t h_{t-1} + b_t along dim 2 of (batch, dim, T, N) blocks.
+    """Inclusive scan of h_t = a_t h_{t-1} + b_t along dim -2 of (..., T, N) blocks.
 
-    Returns (prod a_0..a_t, h_t); h0 (batch, dim, N) is the state before the block.
+    Returns (prod a_0..a_t, h_t); h0 (..., N) is the state before the block. Never writes a or b: each
+    doubling step is one fused pass per tensor into one of two alternating buffers.
     """
-    a = a.clone()
-    b = b.clone()
-    T = a.shape[2]
-    k = 1
+    T = a.shape[-2]
+    bufs = [(torch.empty_like(a), torch.empty_like(b)), (torch.empty_like(a), torch.empty_like(b))] if T > 1 else []
+    k, i = 1, 0
     while k < T:
-        # new values at t >= k read old values at t - k: compute from the old tensors first.
-        b_add = a[:, :, k:] * b[:, :, :-k]
-        a_mul = a[:, :, k:] * a[:, :, :-k]
-        b[:, :, k:] += b_add
-        a[:, :, k:] = a_mul
-        k *= 2
+        da, db = bufs[i]
+        torch.addcmul(b[..., k:, :], a[..., k:, :], b[..., :-k, :], out=db[..., k:, :])
+        torch.mul(a[..., k:, :], a[..., :-k, :], out=da[..., k:, :])
+        db[..., :k, :] = b[..., :k, :]
+        da[..., :k, :] = a[..., :k, :]
+        a, b, i, k = da, db, i ^ 1, k << 1
     if h0 is not None:
-        b = b + a * h0[:, :, None, :]
+        b = b.addcmul_(a, h0.unsqueeze(-2)) if bufs else b + a * h0.unsqueeze(-2)
     return a, b
 
 
-def _expand_groups(M, dim, start, stop):
-    """(batch, G, N, L) -> (batch, dim, T, N) fp32 for steps [start, stop)."""
-    batch, groups, dstate, _ = M.shape
-    m = M[..., start:stop].float()
-    m = m[:, :, None].expand(batch, groups, dim // groups, dstate, stop - start)
-    return m.reshape(batch, dim, dstate, stop - start).transpose(2, 3)
+def _group_view(x, groups):
+    """(batch, dim, ...) -> (batch, G, dim/G, ...) without copying."""
+    return x.reshape(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
 
 
-def _reduce_groups(x, groups):
-    """(batch, dim, T, N) -> (batch, G, N, T) summing the channels of each group."""
-    batch, dim, T, dstate = x.shape
-    return x.reshape(batch, groups, dim // groups, T, dstate).sum(2).transpose(2, 3)
+def _bc_chunk(M, start, stop):
+    """(batch, G, N, L) -> (batch, G, 1, T, N) fp32 for steps [start, stop): broadcasts over a group's channels."""
+    return M[..., start:stop].float().transpose(-1, -2).unsqueeze(2).contiguous()
 
 
 def _delta(delta, delta_bias, softplus):
@@ -68,25 +64,28 @@ def _delta(delta, delta_bias, softplus):
 
 
 class _SelectiveScanTorch(torch.autograd.Function):
+    # Internally every (batch, dim, ...) tensor is viewed as (batch, G, dim/G, ...) so that B and C,
+    # shared by a group's channels, broadcast instead of being copied per channel.
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
         batch, dim, length = u.shape
-        dstate = A.shape[1]
+        groups, dstate = B.shape[1], A.shape[1]
         T = chunk_length(batch, dim, dstate, length)
-        A32 = A.float()
+        A32 = _group_view(A.float()[None], groups)[:, :, :, None, :]  # (1, G, Dg, 1, N)
         y = torch.empty(batch, dim, length, dtype=torch.float32, device=u.device)
         n_chunks = (length + T - 1) // T
-        starts = torch.empty(batch, dim, n_chunks, dstate, dtype=torch.float32, device=u.device)
-        h = torch.zeros(batch, dim, dstate, dtype=torch.float32, device=u.device)
+        starts = torch.empty(batch, groups, dim // groups, n_chunks, dstate, dtype=torch.float32, device=u.device)
+        h = None
+        yg = _group_view(y, groups)
         for c, s in enumerate(range(0, length, T)):
             e = min(s + T, length)
-            starts[:, :, c] = h
-            dt = _delta(delta[:, :, s:e], delta_bias, softplus)
-            a = torch.exp(dt[..., None] * A32[:, None, :])
-            b = (dt * u[:, :, s:e].float())[..., None] * _expand_groups(B, dim, s, e)
+            starts[:, :, :, c] = 0 if h is None else h
+            dt = _group_view(_delta(delta[:, :, s:e], delta_bias, softplus), groups)
+            a = torch.exp(dt.unsqueeze(-1) * A32)
+            b = (dt * _group_view(u[:, :, s:e].float(), groups)).unsqueeze(-1) * _bc_chunk(B, s, e)
             _, hs = _doubling_scan(a, b, h)
-            y[:, :, s:e] = (hs * _expand_groups(C, dim, s, e)).sum(-1)
-            h = hs[:, :, -1]
+            yg[..., s:e] = torch.einsum("bgdtn,bgotn->bgdt", hs, _bc_chunk(C, s, e))
+            h = hs[..., -1, :]
         if D is not None:
             y += D.float()[:, None] * u.float()
         if z is not None:
@@ -94,16 +93,17 @@ class _SelectiveScanTorch(torch.autograd.Function):
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
         ctx.softplus = softplus
         ctx.chunk = T
-        return y.to(u.dtype), h
+        return y.to(u.dtype), h.reshape(batch, dim, dstate)
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
         softplus, T = ctx.softplus, ctx.chunk
         batch, dim, length = u.shape
-        groups = B.shape[1]
-        A32 = A.float()
-        D32 = D.float() if D is not None else None
+        groups, dstate = B.shape[1], A.shape[1]
+        gv = lambda x: _group_view(x, groups)  # noqa: E731
+        A32 = gv(A.float()[None])[:, :, :, None, :]
+        D32 = D.float()[:, None] if D is not None else None
         du = torch.empty(batch, dim, length, dtype=torch.float32, device=u.device)
         ddelta = torch.empty_like(du)
         dz = torch.empty_like(du) if z is not None else None
@@ -112,42 +112,45 @@ class _SelectiveScanTorch(torch.autograd.Function):
         dC = torch.empty(C.shape, dtype=torch.float32, device=u.device)
         dD = torch.zeros(dim, dtype=torch.float32, device=u.device) if D is not None else None
         # carry = a_{t1} dh_{t1}: what the chunk after this one sends back to the last step of this one.
-        carry = dlast.float() if dlast is not None else torch.zeros_like(starts[:, :, 0])
+        carry = gv(dlast.float()) if dlast is not None else torch.zeros_like(starts[:, :, :, 0])
         dout = dout.float()
-        for c in reversed(range(starts.shape[2])):
+        for c in reversed(range(starts.shape[3])):
             s = c * T
             e = min(s + T, length)
             uc = u[:, :, s:e].float()
             dt = _delta(delta[:, :, s:e], delta_bias, softplus)
-            a = torch.exp(dt[..., None] * A32[:, None, :])
-            Bc = _expand_groups(B, dim, s, e)
-            Cc = _expand_groups(C, dim, s, e)
-            h0 = starts[:, :, c]
-            _, hs = _doubling_scan(a, (dt * uc)[..., None] * Bc, h0)
+            a = torch.exp(gv(dt).unsqueeze(-1) * A32)
+            Bc, Cc = _bc_chunk(B, s, e), _bc_chunk(C, s, e)
+            dtu = gv(dt * uc).unsqueeze(-1)
+            h0 = starts[:, :, :, c]
+            _, hs = _doubling_scan(a, dtu * Bc, h0)
             g = dout[:, :, s:e]
             if z is not None:
                 zc = z[:, :, s:e].float()
                 sz = torch.sigmoid(zc)
-                pre = (hs * Cc).sum(-1)
+                pre = gv(torch.einsum("bgdtn,bgotn->bgdt", hs, Cc)).reshape(batch, dim, -1)
                 if D32 is not None:
-                    pre = pre + D32[:, None] * uc
+                    pre = pre + D32 * uc
                 dz[:, :, s:e] = g * pre * sz * (1 + zc * (1 - sz))
                 g = g * zc * sz
             if D32 is not None:
                 dD += (g * uc).sum((0, 2))
+            gg = gv(g).unsqueeze(-1)
             # adjoint scan, run backwards: dh_t = C_t g_t + a_{t+1} dh_{t+1}
-            a_next = torch.cat([a[:, :, 1:], torch.ones_like(a[:, :, :1])], 2)
-            _, dh = _doubling_scan(a_next.flip(2), (Cc * g[..., None]).flip(2), carry)
-            dh = dh.flip(2)
-            carry = a[:, :, 0] * dh[:, :, 0]
-            h_prev = torch.cat([h0[:, :, None], hs[:, :, :-1]], 2)
+            a_next = torch.cat([a[..., 1:, :], torch.ones_like(a[..., :1, :])], -2)
+            _, dh = _doubling_scan(a_next.flip(-2), (Cc * gg).flip(-2), carry)
+            dh = dh.flip(-2)
+            carry = a[..., 0, :] * dh[..., 0, :]
+            h_prev = torch.cat([h0.unsqueeze(-2), hs[..., :-1, :]], -2)
             dlog_a = dh * h_prev * a  # gradient w.r.t. dt * A
-            dhB = (dh * Bc).sum(-1)
-            ddt = (dlog_a * A32[:, None, :]).sum(-1) + dhB * uc
-            dA += (dlog_a * dt[..., None]).sum((0, 2))
-            du[:, :, s:e] = dhB * dt + (g * D32[:, None] if D32 is not None else 0)
-            dB[..., s:e] = _reduce_groups(dh * (dt * uc)[..., None], groups)
-            dC[..., s:e] = _reduce_groups(hs * g[..., None], groups)
+            dhB = (dh * Bc).sum(-1)  # (batch, G, Dg, T)
+            ddt = (dlog_a * A32).sum(-1) + dhB * gv(uc)
+            dA += (dlog_a * gv(dt).unsqueeze(-1)).sum((0, 3), keepdim=True)
+            du_c = dhB * gv(dt)
+            du[:, :, s:e] = du_c.reshape(batch, dim, -1) + (g * D32 if D32 is not None else 0)
+            dB[..., s:e] = torch.einsum("bgdtn,bgdt->bgnt", dh, gv(dt * uc))
+            dC[..., s:e] = torch.einsum("bgdtn,bgdt->bgnt", hs, gv(g))
+            ddt = ddt.reshape(batch, dim, -1)
             if softplus:
                 raw = delta[:, :, s:e].float()
                 if delta_bias is not None:
@@ -155,6 +158,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
                 ddt = ddt * torch.sigmoid(raw)
             ddelta[:, :, s:e] = ddt
         ddelta_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
+        dA = dA.reshape(dim, dstate)
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 dD.to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
                 ddelta_bias.to(delta_bias.dtype) if delta_bias is not None else None, None)
