@@ -139,7 +139,7 @@ class UMambaEncoder(nn.Module):
             output += _blocks_feature_map_size(stage, input_size)
             input_size = [i // j for i, j in zip(input_size, self.strides[s])]
             if self.mamba_layers is not None:
-                output += _mamba_feature_map_size(self.mamba_layers[s], input_size)
+                output += _mamba_feature_map_size(self.mamba_layers[s], self.output_channels[s], input_size)
         return output
 
 
@@ -217,18 +217,15 @@ def _blocks_feature_map_size(seq: nn.Sequential, input_size: Sequence[int]) -> n
     return output
 
 
-def _mamba_feature_map_size(layer: nn.Module, size: Sequence[int]) -> np.int64:
-    """Rough activation count of a Mamba layer (LN out, in_proj 2*E*C, conv E*C, scan out E*C, out C).
+def _mamba_feature_map_size(layer: nn.Module, channels: int, size: Sequence[int]) -> np.int64:
+    """Rough activation count of a Mamba layer over a (channels, *size) map: tokens x d_model = channels x
+    voxels either way, times (LN out 1 + in_proj 2E + conv E + scan out E + out_proj 1) for expand E.
 
     The chunked scan's own workspace is not included.
     """
     if not isinstance(layer, MambaLayer):
         return np.int64(0)
-    n = np.prod(size, dtype=np.int64) * (layer.dim if not layer.channel_token else 1)
-    if layer.channel_token:
-        n = np.int64(layer.dim) * np.int64(layer.mamba.d_model)  # tokens x d_model = C x voxels
-    expand = layer.mamba.expand
-    return np.int64(n * (2 + 4 * expand))
+    return np.prod([channels, *size], dtype=np.int64) * np.int64(2 + 4 * layer.mamba.expand)
 
 
 class _UMamba(AbstractDynamicNetworkArchitectures):
@@ -276,8 +273,10 @@ class _UMamba(AbstractDynamicNetworkArchitectures):
         if any(k % 2 == 0 for ks in kernel_sizes for k in ks):
             raise ValueError(f"{name}: kernel sizes must be odd (same padding), got {kernel_sizes}")
 
+        # ResEnc plans say n_blocks_per_stage, plain plans n_conv_per_stage: blocks per stage either way
         if n_blocks_per_stage is not None and n_conv_per_stage is not None and \
-                list(np.broadcast_to(n_blocks_per_stage, n_stages)) != list(np.broadcast_to(n_conv_per_stage, n_stages)):
+                _per_stage_ints(name, "n_blocks_per_stage", n_blocks_per_stage, n_stages) != \
+                _per_stage_ints(name, "n_conv_per_stage", n_conv_per_stage, n_stages):
             raise ValueError(f"{name}: n_blocks_per_stage={n_blocks_per_stage} contradicts "
                              f"n_conv_per_stage={n_conv_per_stage} (give one of them)")
         blocks = n_blocks_per_stage if n_blocks_per_stage is not None else n_conv_per_stage
@@ -388,7 +387,7 @@ class _UMamba(AbstractDynamicNetworkArchitectures):
             size = list(input_size)
             for st in self.strides:
                 size = [i // j for i, j in zip(size, st)]
-            output += _mamba_feature_map_size(self.mamba_layer, size)
+            output += _mamba_feature_map_size(self.mamba_layer, self.features_per_stage[-1], size)
         return output
 
     @staticmethod
@@ -422,7 +421,7 @@ class UMambaBot(_UMamba):
     The bottleneck (batch, C_last, *S/16) is flattened to S/16 voxel tokens of width C_last; its Mamba
     output replaces the map. ``patch_size`` is accepted (for a uniform trainer) and ignored.
     Input (batch, in_channels, *S), S divisible by the total stride; output (batch, out_channels, *S).
-    """ + _ARGS_DOC
+    """
     _placement = "bottleneck"
 
 
@@ -435,5 +434,9 @@ class UMambaEnc(_UMamba):
     input divisible by the total stride works. Stage 0 runs at full resolution: at 128^3 its Mamba
     layer scans 2M tokens, which dominates the cost.
     Input (batch, in_channels, *S); output (batch, out_channels, *S).
-    """ + _ARGS_DOC
+    """
     _placement = "encoder"
+
+
+UMambaBot.__doc__ += _ARGS_DOC
+UMambaEnc.__doc__ += _ARGS_DOC
