@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medmamba.kernels import selective_scan
+from medmamba.mamba import fp32_region
 from medmamba.scan_routes import CROSS_SCAN_ROUTES, ScanRoutes
 
 __all__ = ["CrossScan", "init_route_params", "multi_route_scan"]
@@ -75,7 +76,7 @@ def multi_route_scan(xs: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_wei
     if x_proj_weight.shape != (r, dt_rank + 2 * n, d):
         raise ValueError(f"multi_route_scan: x_proj_weight must be {(r, dt_rank + 2 * n, d)}, "
                          f"got {tuple(x_proj_weight.shape)}")
-    with torch.autocast(device_type=xs.device.type, enabled=False):
+    with fp32_region(xs):
         xs = xs.float()
         x_dbl = torch.einsum("brdl,rcd->brcl", xs, x_proj_weight.float())
         dts, Bs, Cs = torch.split(x_dbl, [dt_rank, n, n], dim=2)

@@ -6,6 +6,7 @@ LightM-UNet, ...) load with ``strict=True``. The scan goes through ``medmamba.ke
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,6 +14,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medmamba.kernels import selective_scan
+
+
+@contextlib.contextmanager
+def fp32_region(x: torch.Tensor):
+    """Disable autocast for the device of ``x``: the Mamba layers run their projections in float32.
+
+    U-Mamba does this because the gated SSM output overflows float16 under AMP.
+    """
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type):
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    else:  # e.g. the meta device (FLOP counting): nothing to disable
+        yield
 
 
 class Mamba(nn.Module):

@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medmamba.cross_scan import init_route_params, multi_route_scan
+from medmamba.mamba import fp32_region
 from medmamba.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
 
 __all__ = ["MultiHeadScan", "MHSMixer", "scan_route_attention", "DEFAULT_FAMILIES"]
@@ -182,7 +183,7 @@ class MultiHeadScan(nn.Module):
         spatial = tuple(x.shape[1:-1])
         xh = self.in_proj(x).movedim(-1, 1)  # (B, h * d_head, *S)
         ys = self.scan_heads(xh)  # (B, h, 4, d_head, L)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with fp32_region(x):
             z = scan_route_attention(ys, self.threshold, dim=2)  # (B, h, d_head, L) fp32
             z = z.flatten(1, 2).transpose(1, 2)  # (B, L, h * d_head): heads concatenated
             z = self.out_norm(z)

@@ -113,29 +113,11 @@ class ScanCounter(contextlib.AbstractContextManager):
         return False
 
 
-@contextlib.contextmanager
-def autocast_off_is_a_no_op_on_meta():
-    """``torch.autocast(device_type="meta", ...)`` raises; on meta there is nothing to disable anyway."""
-    real = torch.autocast
-
-    def tolerant(device_type, *args, **kwargs):
-        if not torch.amp.is_autocast_available(device_type):
-            return contextlib.nullcontext()
-        return real(device_type, *args, **kwargs)
-
-    torch.autocast = tolerant
-    try:
-        yield
-    finally:
-        torch.autocast = real
-
-
 def count(net: nn.Module, shape, device: str):
     """(total FLOPs, scan FLOPs) of one forward pass of ``net`` on zeros of ``shape``."""
     x = torch.zeros(shape, device=device)
     net.eval()
-    shim = autocast_off_is_a_no_op_on_meta() if device == "meta" else contextlib.nullcontext()
-    with torch.no_grad(), shim, ScanCounter() as scan, FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), ScanCounter() as scan, FlopCounterMode(display=False) as fc:
         net(x)
     return fc.get_total_flops() + scan.flops, scan.flops
 

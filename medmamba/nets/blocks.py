@@ -6,7 +6,6 @@ Small modules composed by explicit constructor arguments, in the style of
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence, Type, Union
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from medmamba.mamba import Mamba
+from medmamba.mamba import Mamba, fp32_region
 
 __all__ = ["ResidualBlock", "NearestUpsampleConv", "DepthwiseSeparableConv", "MambaLayer", "RVMLayer",
            "fp32_region"]
@@ -29,20 +28,6 @@ def _per_axis(conv_op: Type[_ConvNd], value) -> list[int]:
     if len(value) != dims:
         raise ValueError(f"expected {dims} values (one per spatial axis), got {value}")
     return value
-
-
-@contextlib.contextmanager
-def fp32_region(x: torch.Tensor):
-    """Disable autocast for the device of ``x``: the Mamba layers run their projections in float32.
-
-    U-Mamba does this because the gated SSM output overflows float16 under AMP.
-    """
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type):
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-    else:  # e.g. the meta device (FLOP counting): nothing to disable
-        yield
 
 
 class ResidualBlock(nn.Module):

@@ -301,8 +301,8 @@ class MSVMUNet(AbstractDynamicNetworkArchitectures):
                                 n_conv_per_stage=n_conv_per_stage, n_conv_per_stage_decoder=n_conv_per_stage_decoder,
                                 n_blocks_per_stage=n_blocks_per_stage)
         sd = self.spatial_dims
-        enc_dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        dec_dpr = torch.linspace(drop_path_rate, 0, sum(decoder_depths)).tolist()
+        enc_dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dec_dpr = torch.linspace(drop_path_rate, 0, sum(decoder_depths), device="cpu").tolist()
         self.encoder = _Encoder(self.in_channels, sd, dims, depths, enc_dpr, d_state, mlp_ratio, scan_backend)
         self.encoder.apply(trunc_normal_linear_init)
         self.decoder = _Decoder(self.out_channels, sd, dims, decoder_depths, dec_dpr, d_state, mlp_ratio,

@@ -292,8 +292,8 @@ class VMUNetMHS(AbstractDynamicNetworkArchitectures):
             return MHSMixer(dim, spatial_dims, num_heads=num_heads, d_state=d_state, families=families,
                             threshold=threshold, scan_backend=scan_backend)
 
-        enc_dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        dec_dpr = torch.linspace(0, drop_path_rate, sum(decoder_depths)).tolist()[::-1]
+        enc_dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dec_dpr = torch.linspace(0, drop_path_rate, sum(decoder_depths), device="cpu").tolist()[::-1]
         self.encoder = _Encoder(self.in_channels, sd, dims, depths, enc_dpr, mixer_factory)
         self.decoder = _Decoder(self.out_channels, sd, dims, decoder_depths, dec_dpr, mixer_factory, deep_supervision)
         self.apply(trunc_normal_linear_init)
