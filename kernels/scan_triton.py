@@ -53,23 +53,34 @@ def _load_dt(delta_ptr, bias_ptr, off, d, mask, md, HAS_BIAS: tl.constexpr, SOFT
 
 
 @triton.jit
+def _program_range(dims_per_group, dims_per_part, parts_per_group):
+    """This program's tile, batch, group and channel range [d_lo, d_hi) (inside one B/C group)."""
+    pid_p = tl.program_id(0)
+    g = pid_p // parts_per_group
+    d_lo = g * dims_per_group + (pid_p % parts_per_group) * dims_per_part
+    d_hi = tl.minimum(d_lo + dims_per_part, (g + 1) * dims_per_group)
+    return tl.program_id(1), tl.program_id(2), d_lo, d_hi, g
+
+
+@triton.jit
+def _bc_tile(pid_b, g, t, mt, length, n_groups, N: tl.constexpr, NP: tl.constexpr):
+    """Offsets and mask of this tile's (T, NP) block of B or C (batch pid_b, group g)."""
+    n = tl.arange(0, NP)
+    mn = n < N
+    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + t[:, None]
+    return n, mn, bc_off, mt[:, None] & mn[None, :]
+
+
+@triton.jit
 def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, sumP_ptr, sumH_ptr,
                 dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group,
                 N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 WRITE_Y: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    g = pid_p // parts_per_group
-    d_lo = g * dims_per_group + (pid_p % parts_per_group) * dims_per_part
-    d_hi = tl.minimum(d_lo + dims_per_part, (g + 1) * dims_per_group)
+    pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
     t = pid_c * T + tl.arange(0, T)
     mt = t < length
-    n = tl.arange(0, NP)
-    mn = n < N
-    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + t[:, None]
-    m_bc = mt[:, None] & mn[None, :]
+    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, t, mt, length, n_groups, N, NP)
     Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)  # (T, NP)
     if WRITE_Y:
         Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
@@ -153,18 +164,10 @@ def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, 
                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SOFTPLUS: tl.constexpr):
     """Per tile: P = prod a and R = sum_t (prod_{s<=t} a_s) C_t dy_t (the adjoint sent to the tile before)."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    g = pid_p // parts_per_group
-    d_lo = g * dims_per_group + (pid_p % parts_per_group) * dims_per_part
-    d_hi = tl.minimum(d_lo + dims_per_part, (g + 1) * dims_per_group)
+    pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
     t = pid_c * T + tl.arange(0, T)
     mt = t < length
-    n = tl.arange(0, NP)
-    mn = n < N
-    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + t[:, None]
-    m_bc = mt[:, None] & mn[None, :]
+    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, t, mt, length, n_groups, N, NP)
     Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     if HAS_Z:
         Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
@@ -208,21 +211,13 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
                 N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    g = pid_p // parts_per_group
-    d_lo = g * dims_per_group + (pid_p % parts_per_group) * dims_per_part
-    d_hi = tl.minimum(d_lo + dims_per_part, (g + 1) * dims_per_group)
+    pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
     tl_ = tl.arange(0, T)
     t = pid_c * T + tl_
     mt = t < length
     # a_{t+1} inside the tile; the last step's successor is folded into the incoming adjoint E
     m_next = (tl_ < T - 1) & (t + 1 < length)
-    n = tl.arange(0, NP)
-    mn = n < N
-    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + t[:, None]
-    m_bc = mt[:, None] & mn[None, :]
+    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, t, mt, length, n_groups, N, NP)
     Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     dB_acc = tl.zeros([T, NP], dtype=tl.float32)

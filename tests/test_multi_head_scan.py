@@ -10,13 +10,7 @@ from medmamba.multi_head_scan import MHSMixer, MultiHeadScan, scan_route_attenti
 from medmamba.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, which is very slow on busy shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slow_forward(m: MultiHeadScan, x: torch.Tensor) -> torch.Tensor:

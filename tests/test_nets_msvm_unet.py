@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+
+from conftest import plans_kwargs
 import torch.nn.functional as F
 from dynamic_network_architectures.architectures.abstract_arch import test_submodules_loadable as submodules_loadable
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -16,25 +18,9 @@ CLASS = "medmamba.nets.msvm_unet.MSVMUNet"
 REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, which is very slow on busy shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def plans_kwargs(spatial_dims, strides, **extra):
-    n = len(strides)
-    kw = {"n_stages": n, "features_per_stage": [min(32 * 2 ** i, 320) for i in range(n)],
-          "conv_op": f"torch.nn.modules.conv.Conv{spatial_dims}d", "kernel_sizes": [[3] * spatial_dims] * n,
-          "strides": strides, "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1),
-          "conv_bias": True, "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{spatial_dims}d",
-          "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-          "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
-    kw.update(extra)
-    return kw
 
 
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 2, 64, 96)), (3, (1, 1, 32, 32, 64))])
