@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -23,7 +24,14 @@ def triton_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
     except ImportError:
         return False, "triton is not installed"
     if device.type == "cuda":
-        return (True, "") if torch.cuda.is_available() else (False, "CUDA is not available")
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        # Triton builds a small C launcher the first time a kernel runs: without a C compiler (slim
+        # runtime containers) it would fail mid-forward, so fall back to the PyTorch path instead.
+        cc = os.environ.get("CC")
+        if not (shutil.which(cc) if cc else any(shutil.which(c) for c in ("cc", "gcc", "clang"))):
+            return False, "no C compiler found (Triton needs one to build its kernel launcher; set CC)"
+        return True, ""
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             return True, ""
@@ -97,10 +105,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     float32. Returns y (batch, dim, L) in u's dtype, and the float32 last state (batch, dim, N) when
     ``return_last_state``. State and accumulation are float32 whatever the input dtype.
 
-    backend: None picks Triton for CUDA tensors and PyTorch otherwise; "triton" forces the Triton
-    kernels (on CPU tensors only under TRITON_INTERPRET=1); "torch" forces the PyTorch path.
+    backend: None picks Triton for CUDA tensors (when Triton and a C compiler are there) and PyTorch
+    otherwise, unless the environment variable MEDMAMBA_SCAN_BACKEND names one; "triton" forces the
+    Triton kernels (on CPU tensors only under TRITON_INTERPRET=1); "torch" forces the PyTorch path.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
+    if backend is None:
+        backend = os.environ.get("MEDMAMBA_SCAN_BACKEND") or None
     if backend is None:
         backend = "triton" if u.device.type == "cuda" and triton_available(u.device)[0] else "torch"
     if backend not in BACKENDS:

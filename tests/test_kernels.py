@@ -194,3 +194,12 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     xs = [x.detach() if x is not None else None for x in make_inputs(1, 2, 4, 2)]
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         selective_scan(*xs[:5], backend="triton")
+
+
+def test_backend_from_environment(monkeypatch):
+    xs = [x.detach() if x is not None else None for x in make_inputs(1, 2, 5, 2)]
+    monkeypatch.setenv("MEDMAMBA_SCAN_BACKEND", "bogus")
+    with pytest.raises(ScanInputError, match="unknown backend 'bogus'"):
+        selective_scan(*xs[:5])
+    monkeypatch.setenv("MEDMAMBA_SCAN_BACKEND", "torch")
+    torch.testing.assert_close(selective_scan(*xs[:5]), selective_scan_ref(*xs[:5]), rtol=1e-5, atol=1e-5)
