@@ -20,7 +20,7 @@ _BLOCK_ELEMENTS = 1 << 21
 
 
 def chunk_length(batch: int, dim: int, dstate: int, length: int) -> int:
-    t = _BLOCK_ELEMENTS // max(1, batch * dim * dstate)
+    t = int(_BLOCK_ELEMENTS // max(1, int(batch) * int(dim) * int(dstate)))  # ints also when traced
     t = 1 << max(4, min(11, t.bit_length() - 1))  # power of two in [16, 2048]
     return max(1, min(t, length))
 
@@ -32,6 +32,13 @@ def _doubling_scan(a, b, h0=None):
     doubling step is one fused pass per tensor into one of two alternating buffers.
     """
     T = a.shape[-2]
+    if torch.jit.is_tracing():  # a traced graph must stay differentiable: no out= ops
+        k = 1
+        while k < T:
+            b = torch.cat([b[..., :k, :], torch.addcmul(b[..., k:, :], a[..., k:, :], b[..., :-k, :])], -2)
+            a = torch.cat([a[..., :k, :], a[..., k:, :] * a[..., :-k, :]], -2)
+            k <<= 1
+        return a, (b + a * h0.unsqueeze(-2) if h0 is not None else b)
     bufs = [(torch.empty_like(a), torch.empty_like(b)), (torch.empty_like(a), torch.empty_like(b))] if T > 1 else []
     k, i = 1, 0
     while k < T:
@@ -63,37 +70,45 @@ def _delta(delta, delta_bias, softplus):
     return F.softplus(dt) if softplus else dt
 
 
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """Forward pass: (y in u's dtype, last state, chunk-start states, chunk length).
+
+    Every (batch, dim, ...) tensor is viewed as (batch, G, dim/G, ...) so that B and C, shared by a
+    group's channels, broadcast instead of being copied per channel.
+    """
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    T = chunk_length(batch, dim, dstate, length)
+    A32 = _group_view(A.float()[None], groups)[:, :, :, None, :]  # (1, G, Dg, 1, N)
+    y = torch.empty(batch, dim, length, dtype=torch.float32, device=u.device)
+    n_chunks = (length + T - 1) // T
+    starts = torch.empty(batch, groups, dim // groups, n_chunks, dstate, dtype=torch.float32, device=u.device)
+    h = None
+    yg = _group_view(y, groups)
+    for c, s in enumerate(range(0, length, T)):
+        e = min(s + T, length)
+        starts[:, :, :, c] = 0 if h is None else h
+        dt = _group_view(_delta(delta[:, :, s:e], delta_bias, softplus), groups)
+        a = torch.exp(dt.unsqueeze(-1) * A32)
+        b = (dt * _group_view(u[:, :, s:e].float(), groups)).unsqueeze(-1) * _bc_chunk(B, s, e)
+        _, hs = _doubling_scan(a, b, h)
+        yg[..., s:e] = torch.einsum("bgdtn,bgotn->bgdt", hs, _bc_chunk(C, s, e))
+        h = hs[..., -1, :]
+    if D is not None:
+        y += D.float()[:, None] * u.float()
+    if z is not None:
+        y *= F.silu(z.float())
+    return y.to(u.dtype), h.reshape(batch, dim, dstate), starts, T
+
+
 class _SelectiveScanTorch(torch.autograd.Function):
-    # Internally every (batch, dim, ...) tensor is viewed as (batch, G, dim/G, ...) so that B and C,
-    # shared by a group's channels, broadcast instead of being copied per channel.
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        batch, dim, length = u.shape
-        groups, dstate = B.shape[1], A.shape[1]
-        T = chunk_length(batch, dim, dstate, length)
-        A32 = _group_view(A.float()[None], groups)[:, :, :, None, :]  # (1, G, Dg, 1, N)
-        y = torch.empty(batch, dim, length, dtype=torch.float32, device=u.device)
-        n_chunks = (length + T - 1) // T
-        starts = torch.empty(batch, groups, dim // groups, n_chunks, dstate, dtype=torch.float32, device=u.device)
-        h = None
-        yg = _group_view(y, groups)
-        for c, s in enumerate(range(0, length, T)):
-            e = min(s + T, length)
-            starts[:, :, :, c] = 0 if h is None else h
-            dt = _group_view(_delta(delta[:, :, s:e], delta_bias, softplus), groups)
-            a = torch.exp(dt.unsqueeze(-1) * A32)
-            b = (dt * _group_view(u[:, :, s:e].float(), groups)).unsqueeze(-1) * _bc_chunk(B, s, e)
-            _, hs = _doubling_scan(a, b, h)
-            yg[..., s:e] = torch.einsum("bgdtn,bgotn->bgdt", hs, _bc_chunk(C, s, e))
-            h = hs[..., -1, :]
-        if D is not None:
-            y += D.float()[:, None] * u.float()
-        if z is not None:
-            y *= F.silu(z.float())
+        y, last, starts, T = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
         ctx.softplus = softplus
         ctx.chunk = T
-        return y.to(u.dtype), h.reshape(batch, dim, dstate)
+        return y, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
@@ -165,5 +180,11 @@ class _SelectiveScanTorch(torch.autograd.Function):
 
 
 def selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """Checked, normalised inputs (B and C as (batch, G, N, L)); returns (y, last_state)."""
+    """Checked, normalised inputs (B and C as (batch, G, N, L)); returns (y, last_state).
+
+    Under ``torch.jit.trace`` the forward is recorded as plain tensor ops (a custom autograd Function
+    cannot be serialised), so traced networks export to TorchScript for inference.
+    """
+    if torch.jit.is_tracing():
+        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[:2]
     return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

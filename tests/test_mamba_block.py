@@ -108,3 +108,14 @@ def test_bad_input_shape_is_named():
         Mamba(8)(torch.randn(2, 5, 9))
     with pytest.raises(NotImplementedError, match="inference_params"):
         Mamba(8)(torch.randn(2, 5, 8), inference_params=object())
+
+
+def test_traced_block_exports_to_torchscript(tmp_path):
+    torch.manual_seed(5)
+    m = Mamba(8, d_state=4).eval()
+    x = torch.randn(1, 30, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, x)
+    traced.save(str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    torch.testing.assert_close(loaded(x), m(x))
