@@ -105,8 +105,18 @@ def cmd_check(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="medmamba", description="Mamba segmentation networks for nnU-Net and MONAI")
     sub = parser.add_subparsers(dest="command", required=True)
+    from medmamba import bundle, demo, evaluate, predict
+    from medmamba.nnunet import cli as nnunet_cli
+    from medmamba.pretrain import cli as pretrain_cli
+
+    demo.add_parser(sub)
     p = sub.add_parser("check", help="versions, which scan backends work here, one scan per backend vs the reference")
     p.set_defaults(func=cmd_check)
+    pretrain_cli.add_parser(sub)
+    nnunet_cli.add_parsers(sub)
+    bundle.add_parser(sub)
+    evaluate.add_parser(sub)
+    predict.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
