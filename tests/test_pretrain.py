@@ -20,13 +20,7 @@ STS = sorted(glob.glob(os.path.join(DATA, "ibsi_sts", "STS_*", "CT_image.nii.gz"
 needs_data = pytest.mark.skipif(not STS, reason=f"real CT not found under {DATA} (set MEDMAMBA_DATA)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on small shared CPU machines OpenMP oversubscription makes these tests crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # tiny networks (a few 10k parameters) that keep each architecture's structure

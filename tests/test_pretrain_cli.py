@@ -13,17 +13,11 @@ from medmamba.pretrain.train import PretrainConfig, run_pretraining
 
 DATA = os.environ.get("MEDMAMBA_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 STS_DIR = os.path.join(DATA, "ibsi_sts")
-pytestmark = pytest.mark.skipif(not glob.glob(os.path.join(STS_DIR, "STS_*", "CT_image.nii.gz")),
-                                reason=f"real CT not found under {DATA} (set MEDMAMBA_DATA)")
+pytestmark = [pytest.mark.skipif(not glob.glob(os.path.join(STS_DIR, "STS_*", "CT_image.nii.gz")),
+                                 reason=f"real CT not found under {DATA} (set MEDMAMBA_DATA)"),
+              pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on small shared CPU machines OpenMP oversubscription makes these tests crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TINY = {
