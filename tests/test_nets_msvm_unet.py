@@ -21,8 +21,6 @@ REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 2, 64, 96)), (3, (1, 1, 32, 32, 64))])
 def test_forward_backward(spatial_dims, shape):
     torch.manual_seed(0)
