@@ -72,6 +72,19 @@ def _bc_tile(pid_b, g, t, mt, length, n_groups, N: tl.constexpr, NP: tl.constexp
 
 
 @triton.jit
+def _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, mt, n, mn, N: tl.constexpr,
+                   BD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Channels d0..d0+BD of this tile: offsets and masks into (batch, dim, L), dt (and its raw value), A."""
+    d = d0 + tl.arange(0, BD)
+    md = d < d_hi
+    off = (pid_b * dim + d[:, None]).to(tl.int64) * length + t[None, :]
+    m2 = md[:, None] & mt[None, :]
+    dt, raw = _load_dt(delta_ptr, bias_ptr, off, d, m2, md, HAS_BIAS, SOFTPLUS)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
+    return d, md, off, m2, dt, raw, A
+
+
+@triton.jit
 def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, sumP_ptr, sumH_ptr,
                 dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group,
                 N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
@@ -85,13 +98,9 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y
     if WRITE_Y:
         Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     for d0 in range(d_lo, d_hi, BD):
-        d = d0 + tl.arange(0, BD)
-        md = d < d_hi
-        off = (pid_b * dim + d[:, None]).to(tl.int64) * length + t[None, :]
-        m2 = md[:, None] & mt[None, :]
-        dt, raw = _load_dt(delta_ptr, bias_ptr, off, d, m2, md, HAS_BIAS, SOFTPLUS)
+        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, mt,
+                                                    n, mn, N, BD, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
         a = tl.exp(dt[:, :, None] * A[:, None, :])  # (BD, T, NP)
         bx = (dt * u)[:, :, None] * Bt[None, :, :]
         s_off = ((pid_b * dim + d[:, None]) * NP + n[None, :]).to(tl.int64) * n_tiles + pid_c  # (BD, NP)
@@ -172,12 +181,8 @@ def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, 
     if HAS_Z:
         Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     for d0 in range(d_lo, d_hi, BD):
-        d = d0 + tl.arange(0, BD)
-        md = d < d_hi
-        off = (pid_b * dim + d[:, None]).to(tl.int64) * length + t[None, :]
-        m2 = md[:, None] & mt[None, :]
-        dt, raw = _load_dt(delta_ptr, bias_ptr, off, d, m2, md, HAS_BIAS, SOFTPLUS)
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
+        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, mt,
+                                                    n, mn, N, BD, HAS_BIAS, SOFTPLUS)
         logcum = tl.cumsum(dt[:, :, None] * A[:, None, :], axis=1)  # <= 0
         dout = tl.load(dout_ptr + off, mask=m2, other=0.0).to(tl.float32)
         s_off = ((pid_b * dim + d[:, None]) * NP + n[None, :]).to(tl.int64) * n_tiles + pid_c
@@ -223,16 +228,12 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
     dB_acc = tl.zeros([T, NP], dtype=tl.float32)
     dC_acc = tl.zeros([T, NP], dtype=tl.float32)
     for d0 in range(d_lo, d_hi, BD):
-        d = d0 + tl.arange(0, BD)
-        md = d < d_hi
-        off = (pid_b * dim + d[:, None]).to(tl.int64) * length + t[None, :]
-        m2 = md[:, None] & mt[None, :]
-        dt, raw = _load_dt(delta_ptr, bias_ptr, off, d, m2, md, HAS_BIAS, SOFTPLUS)
+        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, mt,
+                                                    n, mn, N, BD, HAS_BIAS, SOFTPLUS)
         dt_next, raw_next = _load_dt(delta_ptr, bias_ptr, off + 1, d, md[:, None] & m_next[None, :], md,
                                      HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
         if HAS_D:
             Dv = tl.load(D_ptr + d, mask=md, other=0.0)
         else:
