@@ -61,3 +61,34 @@ def check_input(cls_name: str, x: torch.Tensor, spatial_dims: int, in_channels: 
         raise ValueError(f"{cls_name}: every spatial size must be divisible by {tuple(divs)} "
                          f"(the network's total downsampling); got spatial shape {tuple(x.shape[2:])}. "
                          f"Pad or crop the input, e.g. with monai.transforms.DivisiblePad(k={tuple(divs)}).")
+
+
+class DeepSupervisionSwitch:
+    """Decoder mixin: ``deep_supervision`` is a property, and the heads only deep supervision uses stop
+    requiring grad while it is off.
+
+    The heads are always built (a checkpoint trained with deep supervision loads strictly into a network
+    without it), so with it off they would get no gradient; DistributedDataParallel (nnU-Net's
+    ``-num_gpus``, ``torchrun``) all-reduces every parameter that requires grad and would wait for
+    theirs (silently skipping the reduction of their bucket in the first step, raising in the next).
+    Subclasses list those heads in ``_deep_supervision_only_modules`` and set the attribute once more at
+    the end of ``__init__``.
+    """
+
+    def _deep_supervision_only_modules(self):
+        return []
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.__dict__.get("_deep_supervision", False)
+
+    @deep_supervision.setter
+    def deep_supervision(self, value: bool) -> None:
+        self.__dict__["_deep_supervision"] = bool(value)
+        try:
+            heads = self._deep_supervision_only_modules()
+        except AttributeError:  # set early in __init__, before the heads exist
+            return
+        for m in heads:
+            for p in m.parameters():
+                p.requires_grad_(bool(value))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
 from medmamba.nets.blocks import DepthwiseSeparableConv, RVMLayer
-from medmamba.nets.conventions import check_input, resolve_channels, resolve_spatial_dims
+from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 
 __all__ = ["LightMUNet", "ResMambaBlock", "ResUpBlock"]
 
@@ -101,12 +101,12 @@ class LightMUNetEncoder(nn.Module):
         return skips
 
 
-class LightMUNetDecoder(nn.Module):
+class LightMUNetDecoder(DeepSupervisionSwitch, nn.Module):
     """Per level: 1x1 conv C -> C/2, x2 linear upsampling, add the skip, ResUp blocks; then the head.
 
     Returns logits at full resolution, or with ``deep_supervision`` a list (full resolution first) with
-    one extra 1x1 head per lower decoder level. ``deep_supervision`` is a plain attribute (nnU-Net sets
-    ``network.decoder.deep_supervision``).
+    one extra 1x1 head per lower decoder level. nnU-Net sets ``network.decoder.deep_supervision``; while
+    it is off the extra heads do not require grad (:class:`DeepSupervisionSwitch`, for DDP).
     """
 
     def __init__(self, conv_op, channels: Sequence[int], out_channels: int, blocks_up: Sequence[int],
@@ -127,6 +127,10 @@ class LightMUNetDecoder(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(num_groups, c0), nn.ReLU(inplace=True),
                                   DepthwiseSeparableConv(conv_op, c0, out_channels, 1, bias=True))
         self.ds_heads = nn.ModuleList(ds_heads)  # lowest resolution first, like up_layers
+        self.deep_supervision = deep_supervision
+
+    def _deep_supervision_only_modules(self):
+        return list(self.ds_heads)
 
     def forward(self, skips: Sequence[torch.Tensor]):
         x = skips[-1]

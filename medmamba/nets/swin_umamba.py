@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 
-from medmamba.nets.conventions import check_input, resolve_channels, resolve_spatial_dims
+from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 from medmamba.nets.vss import (FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSLayer,
                                to_channels_first, to_channels_last)
 
@@ -179,7 +179,7 @@ def _prepare(cls_name, in_channels, out_channels, spatial_dims, input_channels, 
     return cin, cout, sd, dims, depths, plan_norm or norm_name
 
 
-class _UNETRDecoder(nn.Module):
+class _UNETRDecoder(DeepSupervisionSwitch, nn.Module):
     """Residual skip blocks + transposed-conv up blocks + 1x1 heads (Swin-UMamba's decoder).
 
     ``enc_channels``: channels of the encoder features, highest resolution first (stem output at H/2,
@@ -207,6 +207,10 @@ class _UNETRDecoder(nn.Module):
         k = min(num_heads, n)
         self.heads = nn.ModuleList(UnetOutBlock(spatial_dims, skip_w[l], out_channels) for l in range(k))
         self.ds_scales = [2 ** l for l in range(k)]
+        self.deep_supervision = deep_supervision  # heads 1.. need grads only with deep supervision
+
+    def _deep_supervision_only_modules(self):
+        return list(self.heads)[1:]
 
     def forward(self, x_in, feats):
         skips = [self.skips[0](x_in)] + [blk(f) for blk, f in zip(self.skips[1:], feats)]
@@ -269,7 +273,7 @@ class SwinUMamba(_NetBase):
         return self.decoder(x, self.encoder(x))
 
 
-class _MambaDecoder(nn.Module):
+class _MambaDecoder(DeepSupervisionSwitch, nn.Module):
     """Swin-UMamba-dagger decoder: PatchExpand, concat skip, Linear 2C -> C, VSS blocks; final x4 expand."""
 
     def __init__(self, spatial_dims, out_channels, dims, depth, deep_supervision, d_state, block_kwargs,
@@ -295,6 +299,10 @@ class _MambaDecoder(nn.Module):
         n_aux = min(num_heads - 1, n - 1)
         self.heads = nn.ModuleList(conv(dims[i], out_channels, 1) for i in range(n_aux))
         self.ds_scales = [1] + [4 * 2 ** i for i in range(n_aux)]
+        self.deep_supervision = deep_supervision  # the aux heads need grads only with deep supervision
+
+    def _deep_supervision_only_modules(self):
+        return list(self.heads)
 
     def forward(self, feats):
         x = to_channels_last(feats[-1])

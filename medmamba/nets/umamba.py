@@ -34,7 +34,7 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
 from medmamba.nets.blocks import MambaLayer, NearestUpsampleConv, ResidualBlock
-from medmamba.nets.conventions import check_input, resolve_channels, resolve_spatial_dims
+from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 
 __all__ = ["UMambaBot", "UMambaEnc", "UMambaEncoder", "UMambaDecoder"]
 
@@ -143,13 +143,14 @@ class UMambaEncoder(nn.Module):
         return output
 
 
-class UMambaDecoder(nn.Module):
+class UMambaDecoder(DeepSupervisionSwitch, nn.Module):
     """U-Mamba's residual decoder: per stage, upsample (nearest + 1x1), concat skip, residual blocks, head.
 
     Takes the encoder's skips (bottleneck last). Returns (batch, num_classes, *S) logits, or with
     ``deep_supervision`` a list of len(skips) - 1 logit maps, highest resolution first. The heads are
     always built, so a checkpoint trained with deep supervision loads into a network without it.
-    ``deep_supervision`` is a plain attribute: nnU-Net flips it via ``network.decoder.deep_supervision``.
+    nnU-Net flips ``network.decoder.deep_supervision``; while it is off the heads it alone uses do not
+    require grad (:class:`DeepSupervisionSwitch`, for DDP).
     """
 
     def __init__(self, encoder: UMambaEncoder, num_classes: int, n_conv_per_stage: Sequence[int],
@@ -178,6 +179,10 @@ class UMambaDecoder(nn.Module):
         self.upsample_layers = nn.ModuleList(upsample_layers)
         self.stages = nn.ModuleList(stages)
         self.seg_layers = nn.ModuleList(seg_layers)
+        self.deep_supervision = deep_supervision
+
+    def _deep_supervision_only_modules(self):
+        return list(self.seg_layers)[:-1]
 
     def forward(self, skips: Sequence[torch.Tensor]):
         x = skips[-1]

@@ -30,7 +30,10 @@ Common behaviour (:class:`nnUNetTrainerMedMamba`):
 * deep-supervision targets are cut to the network's own outputs (checked at initialisation);
 * torch.compile is off on CUDA unless ``nnUNet_compile=t`` is set explicitly (custom Triton kernels);
 * TensorBoard logs under ``<fold folder>/tensorboard`` (:mod:`medmamba.nnunet.tensorboard`);
-* ``-pretrained_weights`` accepts nnU-Net and MambaMIM checkpoints (:mod:`medmamba.nnunet.pretrained`).
+* ``-pretrained_weights`` accepts nnU-Net and MambaMIM checkpoints (:mod:`medmamba.nnunet.pretrained`);
+* ``-num_gpus N`` (nnU-Net's DDP): nnU-Net converts BatchNorm to SyncBatchNorm and wraps DDP itself;
+  freezing/unfreezing the encoder rebuilds the DDP wrapper (:func:`medmamba.distributed.rewrap_ddp`),
+  since DDP only reduces the parameters that required grad when it was built.
 
 Mixed precision: nnU-Net autocasts on CUDA; every Mamba scan in our networks runs in float32 with
 autocast disabled (``medmamba.mamba.fp32_region``), so AMP is safe (LightM-UNet's released trainer
@@ -49,6 +52,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch.optim.lr_scheduler import _LRScheduler
 
+from medmamba.distributed import rewrap_ddp
 from medmamba.nnunet import pretrained as _pretrained
 from medmamba.nnunet.presets import adapt_configuration, apply_preset, load_preset
 from medmamba.nnunet.tensorboard import attach_tensorboard
@@ -272,6 +276,8 @@ class nnUNetTrainerMedMamba(nnUNetTrainer):
             for p in m.parameters():
                 p.requires_grad_(not want)
         self._encoder_frozen = want
+        if self.is_ddp:
+            self.network = rewrap_ddp(self.network)
         self.print_to_log_file(f"medmamba: encoder {'frozen' if want else 'unfrozen'} at epoch {self.current_epoch}"
                                + (f" (frozen for the first {self.FREEZE_ENCODER_EPOCHS} epochs)" if want else ""))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -11,7 +12,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "pretrain", help="MambaMIM self-supervised pretraining on folders of CT (NIfTI / DICOM)",
         description="MambaMIM masked-image-modelling pretraining of a segmentation network's encoder on CT. "
-                    "Writes OUT/checkpoint_final.pth whose network_weights load strictly into the segmentation "
+                    "Runs on several GPUs/nodes under torchrun (e.g. torchrun --nproc_per_node 4 -m medmamba "
+                    "pretrain ...; docs/distributed.md). Writes OUT/checkpoint_final.pth whose network_weights load strictly into the segmentation "
                     "network (nnU-Net: -pretrained_weights OUT/checkpoint_final.pth). See docs/pretraining.md.")
     p.add_argument("--data", action="append", required=True, metavar="DIR",
                    help="folder searched recursively for CT NIfTI files and DICOM series (repeatable)")
@@ -20,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="crop size (default 96 96 96, or the plans')")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"),
                    help="target spacing in mm (default 1.5 1.5 1.5, or the plans')")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2,
+                   help="crops per process and step (default 2); under torchrun the global batch is this x processes")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
     p.add_argument("--plans", metavar="nnUNetPlans.json", help="nnU-Net plans: network, patch, spacing, normalisation")
@@ -31,6 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in OUT")
     p.add_argument("--overwrite", action="store_true", help="delete the checkpoints/TensorBoard logs in OUT and start again")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default="none",
+                   help="scale --lr by (global batch / --lr-base-batch), linearly or by its square root (default none)")
+    p.add_argument("--lr-base-batch", type=int, default=2, help="the global batch --lr is meant for (default 2)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="final learning rate of the cosine (default 1e-6)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warmup steps (default 5%% of --steps)")
     p.add_argument("--weight-decay", type=float, default=0.04, help="AdamW weight decay (start of the schedule)")
@@ -61,7 +67,8 @@ def cmd_pretrain(args) -> int:
         data=args.data, arch=args.arch, out=args.out, patch=args.patch, spacing=args.spacing,
         batch_size=args.batch_size, steps=args.steps, device=args.device, plans=args.plans,
         configuration=args.configuration, out_channels=args.out_channels, resume=args.resume,
-        overwrite=args.overwrite, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+        overwrite=args.overwrite, lr=args.lr, lr_scaling=args.lr_scaling,
+        lr_base_batch=args.lr_base_batch, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, weight_decay_end=None if args.weight_decay_end < 0 else args.weight_decay_end,
         grad_clip=args.grad_clip, mask_ratio=args.mask_ratio, decoder_width=args.decoder_width,
         samples_per_volume=args.samples_per_volume, workers=args.workers, seed=args.seed, net_kwargs=args.net_kwargs,
@@ -70,11 +77,16 @@ def cmd_pretrain(args) -> int:
     try:
         summary = run_pretraining(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as exc:
-        print(f"medmamba pretrain: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises the same error: say it once
+            print(f"medmamba pretrain: error: {exc}", file=sys.stderr)
         return 2
+    if summary.get("rank", 0) != 0:
+        return 0
     rate = summary["crops_per_s"]
     print(f"pretrained {summary['steps']} steps (from step {summary['start_step']}) on {summary['volumes']} CT "
           f"volume(s), {summary['device']}" + (f", {rate:.2f} crops/s" if rate else "")
+          + (f", {summary['world_size']} processes (global batch {summary['global_batch_size']})"
+             if summary.get("world_size", 1) > 1 else "")
           + f"; network weights: {summary['final_checkpoint']}")
     return 0
 

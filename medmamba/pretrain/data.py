@@ -17,16 +17,17 @@ Discovery (:func:`discover_ct`), per folder given, recursively (sorted, symlinke
   (``SimpleITK.ImageSeriesReader.GetGDCMSeriesIDs``) is one volume unless its Modality (0008,0060) is
   set and not ``CT``, its ImageType says ``LOCALIZER``, or it has fewer than 3 slices (single-frame).
 
-Streaming (:class:`CTCropStream`, a ``torch.utils.data.IterableDataset``): each DataLoader worker takes
-its own share of the volume list (all of it when there are fewer volumes than workers), loops over it
-in a fresh random order each pass, loads ONE volume at a time, preprocesses it with MONAI transforms
-(load, channel first, orientation RAS, resampling to the target spacing, foreground crop (HU > -175),
-padding to at least the patch size, intensity: HU clipped to [-175, 250] and scaled to [0, 1]
-(or the nnU-Net plans' CT normalisation), then ``samples_per_volume`` random crops
-(RandSpatialCropSamplesd) with random flips on every axis) and yields the crops through a small
-per-worker shuffle buffer. Memory: one volume plus ``shuffle_buffer`` crops per worker, whatever the
-number of volumes. Volumes that fail to load are skipped with a warning (a worker whose every volume
-fails raises).
+Streaming (:class:`CTCropStream`, a ``torch.utils.data.IterableDataset``): a global batch of B crops
+has B lanes; every (lane, DataLoader worker) pair is an independent stream that, in each of its epochs,
+takes a disjoint shard of the volume list (shuffled per epoch and seed, the same on every process), loads
+ONE volume at a time, preprocesses it with MONAI transforms (load, channel first, orientation RAS,
+resampling to the target spacing, foreground crop (HU > -175), padding to at least the patch size,
+intensity: HU clipped to [-175, 250] and scaled to [0, 1] (or the nnU-Net plans' CT normalisation), then
+``samples_per_volume`` random crops (RandSpatialCropSamplesd) with random flips on every axis) and yields
+the crops through a small shuffle buffer. A process serves its slice of the lanes (distributed runs), so
+the crops of a global batch do not depend on how many processes share it. Memory: per worker and lane,
+one volume plus ``shuffle_buffer`` crops, whatever the number of volumes. Volumes that fail to load are
+skipped with a warning (a stream raises once every volume has failed).
 """
 from __future__ import annotations
 
@@ -330,13 +331,20 @@ def preprocess_transforms(patch: Sequence[int], spacing: Sequence[float], sample
 class CTCropStream(torch.utils.data.IterableDataset):
     """Endless stream of (C, *patch) float32 crops from a list of :class:`CTItem` (see the module docstring).
 
-    ``seed`` and ``epoch_offset`` (e.g. the step a run resumes from) seed each worker's RNGs, so a
-    stream is reproducible for a given (seed, offset, worker count).
+    Lanes: a global batch of ``num_lanes`` crops has one crop from each lane; this stream serves the lanes
+    ``lanes`` (a process of a distributed run serves its slice of the global batch) and yields one crop
+    per lane in turn, so a DataLoader with ``batch_size=len(lanes)`` gives this process's part of every
+    global batch. Every (lane, DataLoader worker) pair is an independent stream with its own RNG and
+    shuffle buffer; in each of its epochs it reads :meth:`shard` of the volume list, and the shards of
+    one epoch are disjoint. A stream is therefore reproducible from (seed, epoch_offset, lane, workers
+    per process), whatever the number of processes: one process serving lanes 0-3 yields exactly the
+    crops that two processes serving 0-1 and 2-3 yield together.
     """
 
     def __init__(self, items: Sequence[CTItem], patch: Sequence[int], spacing: Sequence[float],
                  samples_per_volume: int = 4, intensity: Intensity | None = None, axes: Sequence[int] | None = None,
-                 seed: int = 0, epoch_offset: int = 0, shuffle_buffer: int = 16, flips: bool = True):
+                 seed: int = 0, epoch_offset: int = 0, shuffle_buffer: int = 16, flips: bool = True,
+                 lanes: Sequence[int] = (0,), num_lanes: int | None = None):
         super().__init__()
         if not items:
             raise NoCTFoundError("no CT volumes to stream")
@@ -347,37 +355,54 @@ class CTCropStream(torch.utils.data.IterableDataset):
         self.seed, self.epoch_offset = int(seed), int(epoch_offset)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.flips = flips
+        self.lanes = [int(lane) for lane in lanes]
+        self.num_lanes = int(num_lanes) if num_lanes is not None else max(self.lanes) + 1
+        if not self.lanes or min(self.lanes) < 0 or max(self.lanes) >= self.num_lanes:
+            raise ValueError(f"CTCropStream: lanes {self.lanes} must be in 0..{self.num_lanes - 1}")
 
-    def _share(self, worker: int, n_workers: int) -> list:
-        if len(self.items) < n_workers:
-            return list(self.items)
-        return self.items[worker::n_workers]
+    def shard(self, stream: int, n_streams: int, epoch: int) -> list:
+        """Volumes of stream ``stream`` (of ``n_streams``) in its epoch ``epoch``: a strided slice of the
+        volume list shuffled by (seed, epoch_offset, epoch), identical on every process; one volume
+        (streams sharing) when there are fewer volumes than streams."""
+        order = list(self.items)
+        random.Random(f"medmamba-shard-{self.seed}-{self.epoch_offset}-{epoch}").shuffle(order)
+        if len(order) >= n_streams:
+            return order[stream::n_streams]
+        return [order[stream % len(order)]]
+
+    def _stream(self, stream: int, n_streams: int):
+        rng = random.Random(f"medmamba-stream-{self.seed}-{self.epoch_offset}-{stream}-{n_streams}")
+        transforms = preprocess_transforms(self.patch, self.spacing, self.samples_per_volume, self.intensity,
+                                           self.axes, self.flips)
+        transforms.set_random_state(seed=rng.randrange(2 ** 31))
+        buffer: list = []
+        bad: set = set()
+        epoch = 0
+        while True:
+            order = [item for item in self.shard(stream, n_streams, epoch) if (item.path, item.series_id) not in bad]
+            epoch += 1
+            rng.shuffle(order)
+            for item in order:
+                try:
+                    crops = transforms({"image": load_ct(item)})
+                except Exception as exc:  # one bad file must not stop a long run
+                    warnings.warn(f"skipping {item.describe()}: {type(exc).__name__}: {exc}")
+                    bad.add((item.path, item.series_id))
+                    continue
+                for c in crops:
+                    buffer.append(torch.as_tensor(c["image"]).float().contiguous())
+                while len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            if len(bad) >= len({(item.path, item.series_id) for item in self.items}):
+                raise RuntimeError(f"data stream {stream}: none of the {len(self.items)} volume(s) could be loaded")
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        share = self._share(worker, n_workers)
-        rng = random.Random((self.seed, self.epoch_offset, worker).__hash__())
-        transforms = preprocess_transforms(self.patch, self.spacing, self.samples_per_volume, self.intensity,
-                                           self.axes, self.flips)
-        transforms.set_random_state(seed=rng.randrange(2 ** 31))
-        buffer: list = []
+        n_streams = self.num_lanes * n_workers
+        streams = [self._stream(lane * n_workers + worker, n_streams) for lane in self.lanes]
         while True:
-            order = list(share)
-            rng.shuffle(order)
-            produced = False
-            for item in order:
-                try:
-                    crops = transforms({"image": load_ct(item)})
-                except Exception as exc:  # one bad file must not stop a long run
-                    warnings.warn(f"skipping {item.describe()}: {type(exc).__name__}: {exc}")
-                    continue
-                produced = True
-                for c in crops:
-                    buffer.append(torch.as_tensor(c["image"]).float().contiguous())
-                while len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-            if not produced:
-                raise RuntimeError(f"data worker {worker}: none of its {len(share)} volume(s) could be loaded")
+            for s in streams:
+                yield next(s)

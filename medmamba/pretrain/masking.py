@@ -126,6 +126,11 @@ class MaskPyramid:
     def to(self, device) -> "MaskPyramid":
         return MaskPyramid(self.visible.to(device), self.grid)
 
+    def select(self, samples: Sequence[int]) -> "MaskPyramid":
+        """The pyramid of some samples of the batch (a distributed process's slice of the global batch)."""
+        index = torch.as_tensor(list(samples), dtype=torch.long, device=self.visible.device)
+        return MaskPyramid(self.visible.index_select(0, index), self.grid)
+
 
 def patchify(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
     """(B, C, *(g * p)) -> (B, L, C * prod(p)); row l is the footprint of bottleneck token l (raster order)."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medmamba.distributed import sync_active, synced_moments
 from medmamba.mamba import fp32_region
 
 __all__ = ["MaskStore", "MaskedNorm", "sparsify_cnn", "masked_mamba_layer", "masked_cross_scan",
@@ -94,7 +95,9 @@ class MaskedNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self._store.mask_for(x)
         if m is None:
-            return self._dense(x)
+            if not (self.kind == "batch" and self.training and sync_active()):
+                return self._dense(x)
+            m = x.new_ones((x.shape[0], 1) + tuple(x.shape[2:]))  # dense, but statistics over every rank
         shape = (1, -1) + (1,) * (x.dim() - 2)
         xf = x.float()
         mf = m.float()
@@ -105,9 +108,12 @@ class MaskedNorm(nn.Module):
             var = (((xf - mean) * mf) ** 2).sum(dims, keepdim=True) / count
         elif self.kind == "batch" and (self.training or self.running_mean is None):
             dims = (0,) + tuple(range(2, x.dim()))
-            count = mf.sum(dims, keepdim=True).clamp(min=1.0)
-            mean = (xf * mf).sum(dims, keepdim=True) / count
-            var = (((xf - mean) * mf) ** 2).sum(dims, keepdim=True) / count
+            if sync_active():  # DDP: statistics over the visible voxels of every rank's batch
+                mean, var, count = synced_moments(x, dims, m)
+            else:
+                count = mf.sum(dims, keepdim=True).clamp(min=1.0)
+                mean = (xf * mf).sum(dims, keepdim=True) / count
+                var = (((xf - mean) * mf) ** 2).sum(dims, keepdim=True) / count
             if self.training and self.track_running_stats and self.running_mean is not None:
                 with torch.no_grad():
                     n = float(count.flatten()[0])

@@ -27,7 +27,7 @@ from medmamba.pretrain.model import MambaMIM, export_network_weights
 from medmamba.pretrain.network import (ENCODER_MODULES, build_downstream_network, check_arch, describe,
                                        encoder_state_keys, find_trainer_for_arch, load_plans)
 
-__all__ = ["PretrainConfig", "run_pretraining", "plans_settings", "CHECKPOINT_FORMAT"]
+__all__ = ["PretrainConfig", "run_pretraining", "plans_settings", "scaled_lr", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "medmamba.pretrain.mambamim/1"
 LATEST, FINAL, TB_DIR = "checkpoint_latest.pth", "checkpoint_final.pth", "tensorboard"
@@ -43,7 +43,7 @@ class PretrainConfig:
     out: str
     patch: Optional[list] = None          # default 96^3, or the plans' patch size
     spacing: Optional[list] = None        # default 1.5 mm isotropic, or the plans' spacing
-    batch_size: int = 2
+    batch_size: int = 2                   # per process; the global batch is batch_size x processes
     steps: int = 1000
     device: Optional[str] = None          # default: cuda if available
     plans: Optional[str] = None
@@ -53,6 +53,8 @@ class PretrainConfig:
     resume: bool = False
     overwrite: bool = False
     lr: float = 1e-4
+    lr_scaling: str = "none"              # "none" | "linear" | "sqrt": scale lr by global batch / lr_base_batch
+    lr_base_batch: int = 2                # the global batch size --lr is meant for (when scaling)
     min_lr: float = 1e-6
     warmup_steps: Optional[int] = None    # default: 5 % of the steps
     weight_decay: float = 0.04
@@ -63,7 +65,7 @@ class PretrainConfig:
     decoder_width: int = 768
     samples_per_volume: int = 4
     shuffle_buffer: int = 16
-    workers: Optional[int] = None         # default: min(8, CPUs)
+    workers: Optional[int] = None         # default: min(8, CPUs per process)
     seed: int = 0
     net_kwargs: dict = field(default_factory=dict)
     include: list = field(default_factory=list)
@@ -241,46 +243,33 @@ def _restore_config(cfg: PretrainConfig, stored: dict) -> None:
             setattr(cfg, f.name, stored[f.name])
 
 
-def run_pretraining(cfg: PretrainConfig) -> dict:
-    """Run (or resume) a pretraining; returns a summary dict (final checkpoint path, losses, throughput)."""
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
+def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
+    """The peak learning rate for a global batch: ``--lr`` scaled by global batch / ``--lr-base-batch``
+    (linearly, by its square root, or not at all)."""
+    ratio = global_batch / max(1, cfg.lr_base_batch)
+    if cfg.lr_scaling == "none":
+        return cfg.lr
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * ratio
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * math.sqrt(ratio)
+    raise ValueError(f"--lr-scaling must be none, linear or sqrt, got {cfg.lr_scaling!r}")
 
-    cfg = dataclasses.replace(cfg)
-    cfg.arch = check_arch(cfg.arch)
-    if cfg.plans:
-        cfg.plans = os.path.abspath(os.fspath(cfg.plans))
-    resume_ckpt = _prepare_out(cfg)
-    if resume_ckpt is not None:
-        _restore_config(cfg, resume_ckpt["config"])
 
-    # ---- settings: plans, patch, spacing, channels ----------------------------------------------------
-    axes, intensity = None, Intensity()
+def _settings(cfg: PretrainConfig):
+    """Plans-derived settings and defaults (rank 0 reads the plans; see run_pretraining)."""
+    axes, intensity, plans_channels = None, Intensity(), None
     if cfg.plans:
         ps = plans_settings(cfg.plans, cfg.configuration, cfg.arch)
-        axes, intensity = ps["axes"], ps["intensity"]
+        axes, intensity, plans_channels = ps["axes"], ps["intensity"], ps["in_channels"]
         cfg.patch = list(cfg.patch or ps["patch"])
         cfg.spacing = list(cfg.spacing or ps["spacing"])
         if cfg.out_channels is None:
             cfg.out_channels = ps["out_channels"] or 2
-        if ps["in_channels"] not in (None, cfg.in_channels):
-            raise ValueError(f"the plans' dataset has {ps['in_channels']} input channels; CT pretraining produces "
-                             f"{cfg.in_channels}-channel networks, whose weights nnU-Net could not load")
-    cfg.patch = [int(p) for p in (cfg.patch or [96, 96, 96])]
-    cfg.spacing = [float(s) for s in (cfg.spacing or [1.5, 1.5, 1.5])]
-    cfg.out_channels = int(cfg.out_channels or 2)
-    if len(cfg.patch) != 3 or len(cfg.spacing) != 3:
-        raise ValueError(f"--patch and --spacing need 3 values, got {cfg.patch} and {cfg.spacing}")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("--steps and --batch-size must be >= 1")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: CUDA is not available here (use --device cpu)")
-    amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
-    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
+    return cfg, axes, intensity, plans_channels
 
-    # ---- data -----------------------------------------------------------------------------------------
+
+def _discover(cfg: PretrainConfig):
     found = discover_ct(cfg.data, cfg.include or None, cfg.exclude or None)
     if not found.items:
         raise NoCTFoundError(f"no CT volumes found under {', '.join(map(str, cfg.data))} ({found.summary()}). "
@@ -290,6 +279,71 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         f.write(found.summary() + "\n")
         f.writelines(f"use  {i.describe()}\n" for i in found.items)
         f.writelines(f"skip {p}  ({why})\n" for p, why in found.skipped)
+    return found
+
+
+def run_pretraining(cfg: PretrainConfig) -> dict:
+    """Run (or resume) a pretraining; returns a summary dict (final checkpoint path, losses, throughput).
+
+    Under ``torchrun`` every process runs this: rank 0 reads the plans, finds the volumes, owns OUT
+    (checkpoints, TensorBoard) and shares what it read; gradients are averaged by
+    DistributedDataParallel and each process streams its slice of every global batch (see CTCropStream).
+    """
+    from medmamba.distributed import init_distributed
+
+    ctx = init_distributed(cfg.device)
+    try:
+        return _run(cfg, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: PretrainConfig, ctx) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    from medmamba.distributed import convert_sync_batchnorm
+
+    main = ctx.is_main
+    cfg = dataclasses.replace(cfg)
+    cfg.arch = check_arch(cfg.arch)
+    if cfg.plans:
+        cfg.plans = os.path.abspath(os.fspath(cfg.plans))
+    resume_ckpt = ctx.agree(_prepare_out, cfg)
+    if resume_ckpt is not None:
+        _restore_config(cfg, resume_ckpt["config"])
+
+    # ---- settings: plans, patch, spacing, channels ----------------------------------------------------
+    cfg, axes, intensity, plans_channels = ctx.agree(_settings, cfg)
+    if plans_channels not in (None, cfg.in_channels):
+        raise ValueError(f"the plans' dataset has {plans_channels} input channels; CT pretraining produces "
+                         f"{cfg.in_channels}-channel networks, whose weights nnU-Net could not load")
+    cfg.patch = [int(p) for p in (cfg.patch or [96, 96, 96])]
+    cfg.spacing = [float(s) for s in (cfg.spacing or [1.5, 1.5, 1.5])]
+    cfg.out_channels = int(cfg.out_channels or 2)
+    if len(cfg.patch) != 3 or len(cfg.spacing) != 3:
+        raise ValueError(f"--patch and --spacing need 3 values, got {cfg.patch} and {cfg.spacing}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be >= 1")
+    device = ctx.device
+    world, global_batch = ctx.world_size, cfg.batch_size * ctx.world_size
+    lr = scaled_lr(cfg, global_batch)
+    amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.distributed else 1
+    cpus = max(1, (os.cpu_count() or 1) // local_procs)
+    workers = cfg.workers if cfg.workers is not None else min(8, cpus)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
+    if main:
+        print(f"medmamba pretrain: {world} process(es) on {device.type}"
+              + (f" ({ctx.backend})" if ctx.distributed else "")
+              + f"; effective (global) batch {global_batch} = {cfg.batch_size} per process x {world}; "
+              f"peak lr {lr:.3g} (--lr {cfg.lr:g}, scaling {cfg.lr_scaling}"
+              + (f" for global batch {global_batch} vs --lr-base-batch {cfg.lr_base_batch}" if cfg.lr_scaling != "none"
+                 else "; --lr-scaling linear|sqrt scales it with the global batch") + ")", flush=True)
+
+    # ---- data -----------------------------------------------------------------------------------------
+    found = ctx.agree(_discover, cfg)
 
     # ---- model ----------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -299,44 +353,64 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
                                          seed=cfg.seed, network_kwargs=cfg.net_kwargs or None, return_info=True)
     model = MambaMIM(net, cfg.arch, cfg.patch, cfg.in_channels, cfg.mask_ratio, cfg.decoder_width).to(device)
     del net
+    if ctx.distributed:
+        model = convert_sync_batchnorm(model)
     groups = _param_groups(model, cfg.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps, warmup, cfg.min_lr / cfg.lr))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps, warmup, cfg.min_lr / lr))
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start = 0
-    if resume_ckpt is None and cfg.overwrite:
+    if resume_ckpt is None and cfg.overwrite and main:
         _clear_out(cfg)
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         opt.load_state_dict(resume_ckpt["optimizer"])
         sched.load_state_dict(resume_ckpt["scheduler"])
-        # --steps / --lr may have changed: recompute the schedule for them
-        sched.base_lrs = [cfg.lr for _ in opt.param_groups]
-        sched.lr_lambdas = [_lr_lambda(cfg.steps, warmup, cfg.min_lr / cfg.lr) for _ in opt.param_groups]
+        # --steps / --lr / the number of processes may have changed: recompute the schedule for them
+        sched.base_lrs = [lr for _ in opt.param_groups]
+        sched.lr_lambdas = [_lr_lambda(cfg.steps, warmup, cfg.min_lr / lr) for _ in opt.param_groups]
         _set_rng_state(resume_ckpt["rng"], mask_gen)
         start = int(resume_ckpt["step"])
+        stored_world = resume_ckpt.get("world_size", 1)
+        if main and stored_world != world:
+            warnings.warn(f"--resume: the run was saved with {stored_world} process(es), now {world}: the global "
+                          f"batch is {global_batch} and the data streams are redrawn")
         del resume_ckpt
-    with open(os.path.join(cfg.out, "pretrain_config.json"), "w") as f:
-        json.dump({**cfg.to_json(), "network_builder": info["builder"], "workers": workers, "warmup_steps": warmup,
-                   "amp": amp, "device": str(device)}, f, indent=2)
+    ddp = model
+    if ctx.distributed:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if main:
+        with open(os.path.join(cfg.out, "pretrain_config.json"), "w") as f:
+            json.dump({**cfg.to_json(), "network_builder": info["builder"], "workers": workers, "warmup_steps": warmup,
+                       "amp": amp, "device": str(device), "world_size": world, "backend": ctx.backend,
+                       "global_batch_size": global_batch, "peak_lr": lr}, f, indent=2)
 
     def save_latest(step):
-        _atomic_save({"format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_json(), "model": model.state_dict(),
-                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(mask_gen)},
-                     os.path.join(cfg.out, LATEST))
+        if main:
+            _atomic_save({"format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_json(), "world_size": world,
+                          "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "rng": _rng_state(mask_gen)},
+                         os.path.join(cfg.out, LATEST))
 
+    lanes = list(range(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size))
     stream = CTCropStream(found.items, cfg.patch, cfg.spacing, cfg.samples_per_volume, intensity, axes,
-                          seed=cfg.seed, epoch_offset=start, shuffle_buffer=cfg.shuffle_buffer)
+                          seed=cfg.seed, epoch_offset=start, shuffle_buffer=cfg.shuffle_buffer,
+                          lanes=lanes, num_lanes=global_batch)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-    writer = SummaryWriter(os.path.join(cfg.out, TB_DIR), purge_step=start + 1 if start else None)
-    writer.add_text("config", "```\n" + json.dumps(cfg.to_json(), indent=2) + "\n```", start)
+    writer = None
+    if main:
+        writer = SummaryWriter(os.path.join(cfg.out, TB_DIR), purge_step=start + 1 if start else None)
+        writer.add_text("config", "```\n" + json.dumps({**cfg.to_json(), "world_size": world,
+                                                        "global_batch_size": global_batch, "peak_lr": lr},
+                                                       indent=2) + "\n```", start)
     losses, crops_per_s = [], []
     t_log, n_since = time.perf_counter(), 0
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, desc="pretrain")
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), dynamic_ncols=True,
+               desc="pretrain")
     threads = torch.get_num_threads()
     if device.type == "cpu":  # leave the data workers their cores: oversubscribed OpenMP threads crawl
-        torch.set_num_threads(min(threads, max(1, (os.cpu_count() or 1) - workers)))
+        torch.set_num_threads(min(threads, max(1, cpus - workers)))
     it = iter(loader)
     model.train()
     try:
@@ -347,9 +421,10 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
                 for g in opt.param_groups:
                     if g.get("decay"):
                         g["weight_decay"] = wd
-            pyramid = model.draw_mask(x.shape[0], generator=mask_gen).to(device)
+            # masks for the whole global batch from the shared generator; this process takes its lanes
+            pyramid = model.draw_mask(global_batch, generator=mask_gen).select(lanes).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x, pyramid)
+                out = ddp(x, pyramid)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower --lr or check the data")
@@ -359,24 +434,24 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
             opt.step()
             sched.step()
             done = step + 1
-            losses.append(loss.item())
-            n_since += x.shape[0]
+            losses.append(ctx.mean(loss.item()))
+            n_since += global_batch
             bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
+            if main and (done % cfg.log_every == 0 or done == cfg.steps or done == start + 1):
                 now = time.perf_counter()
                 rate = n_since / max(now - t_log, 1e-9)
                 if done != start + 1:
                     crops_per_s.append(rate)
                 t_log, n_since = now, 0
-                lr = opt.param_groups[0]["lr"]
+                cur_lr = opt.param_groups[0]["lr"]
                 writer.add_scalar("train/loss", losses[-1], done)
-                writer.add_scalar("train/lr", lr, done)
+                writer.add_scalar("train/lr", cur_lr, done)
                 writer.add_scalar("train/weight_decay", opt.param_groups[0]["weight_decay"], done)
                 writer.add_scalar("train/grad_norm", float(grad_norm), done)
                 writer.add_scalar("train/crops_per_s", rate, done)
                 writer.add_scalar("train/toki_A_norm", float(model.toki.A.detach().norm()), done)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", crops_s=f"{rate:.2f}")
-            if done % cfg.image_every == 0 or done == cfg.steps:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{cur_lr:.2e}", crops_s=f"{rate:.2f}")
+            if main and (done % cfg.image_every == 0 or done == cfg.steps):
                 recon = model.reconstruct(out, x)
                 masked_in = x * pyramid.mask(x.shape[2:], dtype=x.dtype)
                 panels = [_slice_image(v[0].detach().cpu()) for v in (x, masked_in, recon)]
@@ -386,40 +461,46 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
                 writer.add_image("images/input_masked_reconstruction", torch.cat(panels, dim=2), done)
             if done % cfg.save_every == 0 and done != cfg.steps:
                 save_latest(done)
-        final_step = cfg.steps
-        save_latest(final_step)
+        save_latest(cfg.steps)
     finally:
         torch.set_num_threads(threads)
         bar.close()
-        writer.flush()
-        writer.close()
+        if writer is not None:
+            writer.flush()
+            writer.close()
         del it
 
     # ---- final checkpoint: the segmentation network, encoder pretrained, decoder fresh ---------------
-    fresh = build_downstream_network(cfg.arch, cfg.plans, cfg.configuration, cfg.in_channels, cfg.out_channels,
-                                     seed=cfg.seed, network_kwargs=cfg.net_kwargs or None)
-    weights = export_network_weights({k: v.cpu() for k, v in model.encoder_state_dict().items()}, fresh, cfg.arch)
-    final = {
-        "network_weights": weights,
-        "arch": cfg.arch,
-        "network_builder": info["builder"],
-        "network_kwargs": describe(cfg.net_kwargs),
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "plans": cfg.plans,
-        "configuration": cfg.configuration if cfg.plans else None,
-        "patch_size": cfg.patch,
-        "spacing": cfg.spacing,
-        "intensity": dataclasses.asdict(intensity),
-        "pretrained_modules": list(ENCODER_MODULES[cfg.arch]),
-        "pretrained_keys": encoder_state_keys(fresh, cfg.arch),
-        "decoder_init_seed": cfg.seed,
-        "step": cfg.steps,
-        "pretrain_config": cfg.to_json(),
-        "format": CHECKPOINT_FORMAT,
-    }
     path = os.path.join(cfg.out, FINAL)
-    _atomic_save(final, path)
+    if main:
+        fresh = build_downstream_network(cfg.arch, cfg.plans, cfg.configuration, cfg.in_channels, cfg.out_channels,
+                                         seed=cfg.seed, network_kwargs=cfg.net_kwargs or None)
+        weights = export_network_weights({k: v.cpu() for k, v in model.encoder_state_dict().items()}, fresh,
+                                         cfg.arch)
+        final = {
+            "network_weights": weights,
+            "arch": cfg.arch,
+            "network_builder": info["builder"],
+            "network_kwargs": describe(cfg.net_kwargs),
+            "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels,
+            "plans": cfg.plans,
+            "configuration": cfg.configuration if cfg.plans else None,
+            "patch_size": cfg.patch,
+            "spacing": cfg.spacing,
+            "intensity": dataclasses.asdict(intensity),
+            "pretrained_modules": list(ENCODER_MODULES[cfg.arch]),
+            "pretrained_keys": encoder_state_keys(fresh, cfg.arch),
+            "decoder_init_seed": cfg.seed,
+            "step": cfg.steps,
+            "world_size": world,
+            "global_batch_size": global_batch,
+            "pretrain_config": cfg.to_json(),
+            "format": CHECKPOINT_FORMAT,
+        }
+        _atomic_save(final, path)
+    ctx.barrier()
     return {"final_checkpoint": path, "steps": cfg.steps, "start_step": start, "losses": losses,
             "crops_per_s": float(np.median(crops_per_s)) if crops_per_s else None, "volumes": len(found.items),
-            "device": str(device)}
+            "device": str(device), "world_size": world, "rank": ctx.rank, "global_batch_size": global_batch,
+            "peak_lr": lr}
