@@ -10,7 +10,7 @@ import torch.nn as nn
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
 from medmamba.cross_scan import CrossScan
-from medmamba.nets.conventions import check_input, resolve_channels, resolve_spatial_dims
+from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 from medmamba.nets.vm_unet_mhs import (_check_sequence, native_scales, trunc_normal_linear_init,
                                        validate_plans_topology)
 from medmamba.nets.vss import Mlp, VSSBlock
@@ -188,10 +188,12 @@ class _UpBlock(nn.Module):
         return self.blocks(x)
 
 
-class _Decoder(nn.Module):
+class _Decoder(DeepSupervisionSwitch, nn.Module):
     """Up-blocks from the bottleneck to 1/4, FLKPE to full resolution (its 1x1 conv is ``seg_layers[0]``);
-    with deep supervision, ``seg_layers[1:]`` are 1x1 heads on the up-block outputs, highest resolution
-    first. nnU-Net toggles ``deep_supervision`` on this module."""
+    ``seg_layers[1:]`` are 1x1 heads on the up-block outputs, highest resolution first, used with deep
+    supervision. They are always built (a checkpoint trained with deep supervision loads strictly into a
+    network without it) and require grad only while it is on. nnU-Net toggles ``deep_supervision`` on
+    this module."""
 
     def __init__(self, out_channels, spatial_dims, dims, depths, dpr, d_state, mlp_ratio, scan_backend,
                  deep_supervision):
@@ -205,11 +207,13 @@ class _Decoder(nn.Module):
                                            d_state, mlp_ratio, scan_backend))
             start += depth
         conv = _conv(spatial_dims)
-        heads = [conv(dims[0], out_channels, 1)]
-        if self.deep_supervision:
-            heads += [conv(dims[i], out_channels, 1) for i in range(len(dims) - 1)]
+        heads = [conv(dims[0], out_channels, 1)] + [conv(dims[i], out_channels, 1) for i in range(len(dims) - 1)]
         self.final = FLKPE(dims[0], spatial_dims)
         self.seg_layers = nn.ModuleList(heads)
+        self.deep_supervision = bool(deep_supervision)
+
+    def _deep_supervision_only_modules(self):
+        return list(self.seg_layers)[1:]
 
     def forward(self, feats):
         x = feats[-1]
@@ -220,9 +224,6 @@ class _Decoder(nn.Module):
         out = self.seg_layers[0](self.final(x))
         if not self.deep_supervision:
             return out
-        if len(self.seg_layers) == 1:
-            raise RuntimeError("deep supervision was switched on after the network was built without its auxiliary "
-                               "heads; build it with deep_supervision=True")
         # up-block outputs, highest resolution first: outs[-1] (dims[0]), outs[-2] (dims[1]), ...
         aux = [head(outs[-1 - k].movedim(-1, 1)) for k, head in enumerate(self.seg_layers[1:])]
         return [out, *aux]

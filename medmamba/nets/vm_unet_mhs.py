@@ -14,7 +14,7 @@ import torch.nn as nn
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
 from medmamba.multi_head_scan import MHSMixer
-from medmamba.nets.conventions import check_input, resolve_channels, resolve_spatial_dims
+from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 from medmamba.nets.vss import FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSBlock
 
 __all__ = ["VMUNetMHS", "validate_plans_topology", "native_scales", "trunc_normal_linear_init"]
@@ -168,7 +168,7 @@ class _Encoder(nn.Module):
         return x, skips
 
 
-class _Decoder(nn.Module):
+class _Decoder(DeepSupervisionSwitch, nn.Module):
     """VM-UNet decoder: stage 0 = VSS blocks at the bottleneck; stage i > 0 = (x + skip) -> patch expand
     -> VSS blocks; then final x4 patch expand + 1x1 conv (``seg_layers[0]``). With deep supervision,
     ``seg_layers[1:]`` are 1x1 heads on the outputs of stages n-1, n-2, ..., 1 (highest resolution first).
@@ -189,12 +189,16 @@ class _Decoder(nn.Module):
             self.stages.append(nn.ModuleDict({"upsample": up, "blocks": nn.Sequential(*blocks)}))
         self.final_expand = FinalPatchExpand(dims[0], spatial_dims)
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        # seg_layers[0] is the output head; then deep-supervision heads on stage n-1 (highest resolution,
+        # dims[0]) down to stage 1: always built (strict loading either way), trainable only while in use
         heads = [conv(self.final_expand.out_dim, out_channels, 1)]
-        if self.deep_supervision:
-            # stage n-1 (highest resolution, dims[0]) first, down to stage 1.
-            heads += [conv(dec_dims[i], out_channels, 1) for i in range(len(dec_dims) - 1, 0, -1)]
+        heads += [conv(dec_dims[i], out_channels, 1) for i in range(len(dec_dims) - 1, 0, -1)]
         self.seg_layers = nn.ModuleList(heads)
         self.num_ds_heads = len(heads)
+        self.deep_supervision = bool(deep_supervision)
+
+    def _deep_supervision_only_modules(self):
+        return list(self.seg_layers)[1:]
 
     def forward(self, x, skips):
         stage_outputs = []
@@ -206,9 +210,6 @@ class _Decoder(nn.Module):
         out = self.seg_layers[0](self.final_expand(x).movedim(-1, 1))
         if not self.deep_supervision:
             return out
-        if self.num_ds_heads == 1:
-            raise RuntimeError("deep supervision was switched on after the network was built without its auxiliary "
-                               "heads; build it with deep_supervision=True")
         aux = [head(stage_outputs[-1 - k].movedim(-1, 1)) for k, head in enumerate(self.seg_layers[1:])]
         return [out, *aux]
 
