@@ -3,6 +3,8 @@
 Pure functions only; modules with parameters live in ``medmamba``.
 """
 from .reference import selective_scan_ref
-from .selective_scan import BACKENDS, ScanInputError, selective_scan, triton_available
+from .routed_scan import routed_selective_scan
+from .selective_scan import BACKENDS, ScanInputError, resolve_backend, selective_scan, triton_available
 
-__all__ = ["selective_scan", "selective_scan_ref", "triton_available", "BACKENDS", "ScanInputError"]
+__all__ = ["selective_scan", "selective_scan_ref", "routed_selective_scan", "resolve_backend", "triton_available",
+           "BACKENDS", "ScanInputError"]

@@ -16,8 +16,15 @@ State and accumulation are float32; inputs may be fp32/bf16/fp16. Nothing of siz
 touches memory: the saved states are (batch, dim, N, L/T). A program covers a range of channels of
 one group, so the group's B/C tile is loaded once and dB/dC are reduced in registers. Every exponent
 is dt*A <= 0 and padding is (a=1, b=0): nothing divides by a decay.
+
+Routed mode (HAS_INDEX, ``routed_selective_scan_triton``): the same kernels scan R routes of one
+spatially ordered tensor without gathering it. Group g is route g; a program's step t is read from, and
+its y / du / ddelta / dB / dC are written to, position ``route_index[g, t]`` instead of ``t`` (u being
+shared by the routes, at its own channel offset). The HAS_INDEX=False code is the plain scan unchanged.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -63,21 +70,31 @@ def _program_range(dims_per_group, dims_per_part, parts_per_group):
 
 
 @triton.jit
-def _bc_tile(pid_b, g, t, mt, length, n_groups, N: tl.constexpr, NP: tl.constexpr):
-    """Offsets and mask of this tile's (T, NP) block of B or C (batch pid_b, group g)."""
+def _positions(idx_ptr, g, t, mt, length, HAS_INDEX: tl.constexpr):
+    """Memory position of every step t of this tile: t itself, or (routed scan, group g = route g) the
+    spatial position route_index[g, t] the route visits at step t."""
+    pos = t
+    if HAS_INDEX:
+        pos = tl.load(idx_ptr + g.to(tl.int64) * length + t, mask=mt, other=0)
+    return pos
+
+
+@triton.jit
+def _bc_tile(pid_b, g, pos, mt, length, n_groups, N: tl.constexpr, NP: tl.constexpr):
+    """Offsets and mask of this tile's (T, NP) block of B or C (batch pid_b, group g; steps at ``pos``)."""
     n = tl.arange(0, NP)
     mn = n < N
-    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + t[:, None]
+    bc_off = ((pid_b * n_groups + g) * N + n[None, :]).to(tl.int64) * length + pos[:, None]
     return n, mn, bc_off, mt[:, None] & mn[None, :]
 
 
 @triton.jit
-def _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, mt, n, mn, N: tl.constexpr,
+def _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, pos, mt, n, mn, N: tl.constexpr,
                    BD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Channels d0..d0+BD of this tile: offsets and masks into (batch, dim, L), dt (and its raw value), A."""
     d = d0 + tl.arange(0, BD)
     md = d < d_hi
-    off = (pid_b * dim + d[:, None]).to(tl.int64) * length + t[None, :]
+    off = (pid_b * dim + d[:, None]).to(tl.int64) * length + pos[None, :]
     m2 = md[:, None] & mt[None, :]
     dt, raw = _load_dt(delta_ptr, bias_ptr, off, d, m2, md, HAS_BIAS, SOFTPLUS)
     A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0)
@@ -85,22 +102,45 @@ def _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, 
 
 
 @triton.jit
-def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, sumP_ptr, sumH_ptr,
-                dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group,
+def _u_offsets(off, pid_b, d, g, dims_per_group, u_dim, routes_per_u, length, pos, HAS_INDEX: tl.constexpr):
+    """Offsets of u. Plain scan: u is laid out like delta. Routed scan: u (batch, u_dim, L) is shared, route g
+    reading channel block g // routes_per_u (its channel d - g * dims_per_group) at the route's positions."""
+    u_off = off
+    if HAS_INDEX:
+        c = (g // routes_per_u - g) * dims_per_group + d
+        u_off = (pid_b * u_dim + c[:, None]).to(tl.int64) * length + pos[None, :]
+    return u_off
+
+
+@triton.jit
+def _dout_offsets(off, pid_b, d, g, dims_per_group, n_groups, length, pos, DOUT_SHARED: tl.constexpr):
+    """Offsets of d(y). Routed scan whose output is summed over the routes: every route's d(y) is the same
+    (batch, dims_per_group, L) tensor, read at the route's positions instead of materialising R copies."""
+    dout_off = off
+    if DOUT_SHARED:
+        dout_off = _u_offsets(off, pid_b, d, g, dims_per_group, dims_per_group, n_groups, length, pos, True)
+    return dout_off
+
+
+@triton.jit
+def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, sumP_ptr, sumH_ptr, idx_ptr,
+                dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group, u_dim, routes_per_u,
                 N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                WRITE_Y: tl.constexpr):
+                WRITE_Y: tl.constexpr, HAS_INDEX: tl.constexpr):
     pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
     t = pid_c * T + tl.arange(0, T)
     mt = t < length
-    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, t, mt, length, n_groups, N, NP)
+    pos = _positions(idx_ptr, g, t, mt, length, HAS_INDEX)
+    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, pos, mt, length, n_groups, N, NP)
     Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)  # (T, NP)
     if WRITE_Y:
         Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     for d0 in range(d_lo, d_hi, BD):
-        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, mt,
-                                                    n, mn, N, BD, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, pos,
+                                                    mt, n, mn, N, BD, HAS_BIAS, SOFTPLUS)
+        u_off = _u_offsets(off, pid_b, d, g, dims_per_group, u_dim, routes_per_u, length, pos, HAS_INDEX)
+        u = tl.load(u_ptr + u_off, mask=m2, other=0.0).to(tl.float32)
         a = tl.exp(dt[:, :, None] * A[:, None, :])  # (BD, T, NP)
         bx = (dt * u)[:, :, None] * Bt[None, :, :]
         s_off = ((pid_b * dim + d[:, None]) * NP + n[None, :]).to(tl.int64) * n_tiles + pid_c  # (BD, NP)
@@ -167,29 +207,32 @@ def _gate_grad(dout, u, y_ssm, z, Dv, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
 
 @triton.jit
 def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, sumH_ptr,
-                        sumP_ptr, sumR_ptr, B_ptr,
-                        dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group,
-                        N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+                        sumP_ptr, sumR_ptr, B_ptr, idx_ptr,
+                        dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group, u_dim,
+                        routes_per_u, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        SOFTPLUS: tl.constexpr):
+                        SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, DOUT_SHARED: tl.constexpr):
     """Per tile: P = prod a and R = sum_t (prod_{s<=t} a_s) C_t dy_t (the adjoint sent to the tile before)."""
     pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
     t = pid_c * T + tl.arange(0, T)
     mt = t < length
-    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, t, mt, length, n_groups, N, NP)
+    pos = _positions(idx_ptr, g, t, mt, length, HAS_INDEX)
+    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, pos, mt, length, n_groups, N, NP)
     Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     if HAS_Z:
         Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     for d0 in range(d_lo, d_hi, BD):
-        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, mt,
-                                                    n, mn, N, BD, HAS_BIAS, SOFTPLUS)
+        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, pos,
+                                                    mt, n, mn, N, BD, HAS_BIAS, SOFTPLUS)
         logcum = tl.cumsum(dt[:, :, None] * A[:, None, :], axis=1)  # <= 0
-        dout = tl.load(dout_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        dout_off = _dout_offsets(off, pid_b, d, g, dims_per_group, n_groups, length, pos, DOUT_SHARED)
+        dout = tl.load(dout_ptr + dout_off, mask=m2, other=0.0).to(tl.float32)
         s_off = ((pid_b * dim + d[:, None]) * NP + n[None, :]).to(tl.int64) * n_tiles + pid_c
         m_s = md[:, None] & (n[None, :] < NP)
         if HAS_Z:
             # the gate needs y_ssm: recompute the tile's states
-            u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            u_off = _u_offsets(off, pid_b, d, g, dims_per_group, u_dim, routes_per_u, length, pos, HAS_INDEX)
+            u = tl.load(u_ptr + u_off, mask=m2, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + off, mask=m2, other=0.0).to(tl.float32)
             if HAS_D:
                 Dv = tl.load(D_ptr + d, mask=md, other=0.0)
@@ -212,28 +255,38 @@ def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, 
 @triton.jit
 def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, sumH_ptr, sumE_ptr,
                 dlast_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
-                dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group,
-                N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+                idx_ptr, dim, length, n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group, u_dim,
+                routes_per_u, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr):
+                HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, HAS_INDEX: tl.constexpr,
+                DOUT_SHARED: tl.constexpr):
     pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
     tl_ = tl.arange(0, T)
     t = pid_c * T + tl_
     mt = t < length
     # a_{t+1} inside the tile; the last step's successor is folded into the incoming adjoint E
     m_next = (tl_ < T - 1) & (t + 1 < length)
-    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, t, mt, length, n_groups, N, NP)
+    pos = _positions(idx_ptr, g, t, mt, length, HAS_INDEX)
+    if HAS_INDEX:  # routed: step t+1 lives at route_index[g, t+1], not next to step t
+        pos_next = tl.load(idx_ptr + g.to(tl.int64) * length + t + 1, mask=m_next, other=0)
+    n, mn, bc_off, m_bc = _bc_tile(pid_b, g, pos, mt, length, n_groups, N, NP)
     Bt = tl.load(B_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + bc_off, mask=m_bc, other=0.0).to(tl.float32)
     dB_acc = tl.zeros([T, NP], dtype=tl.float32)
     dC_acc = tl.zeros([T, NP], dtype=tl.float32)
     for d0 in range(d_lo, d_hi, BD):
-        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, t, mt,
-                                                    n, mn, N, BD, HAS_BIAS, SOFTPLUS)
-        dt_next, raw_next = _load_dt(delta_ptr, bias_ptr, off + 1, d, md[:, None] & m_next[None, :], md,
+        d, md, off, m2, dt, raw, A = _channel_block(delta_ptr, bias_ptr, A_ptr, d0, d_hi, pid_b, dim, length, pos,
+                                                    mt, n, mn, N, BD, HAS_BIAS, SOFTPLUS)
+        if HAS_INDEX:
+            off_next = off + (pos_next - pos)[None, :]
+        else:
+            off_next = off + 1
+        dt_next, raw_next = _load_dt(delta_ptr, bias_ptr, off_next, d, md[:, None] & m_next[None, :], md,
                                      HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        u_off = _u_offsets(off, pid_b, d, g, dims_per_group, u_dim, routes_per_u, length, pos, HAS_INDEX)
+        u = tl.load(u_ptr + u_off, mask=m2, other=0.0).to(tl.float32)
+        dout_off = _dout_offsets(off, pid_b, d, g, dims_per_group, n_groups, length, pos, DOUT_SHARED)
+        dout = tl.load(dout_ptr + dout_off, mask=m2, other=0.0).to(tl.float32)
         if HAS_D:
             Dv = tl.load(D_ptr + d, mask=md, other=0.0)
         else:
@@ -318,31 +371,119 @@ def _carry(sumP, sumH, init, n_tiles, NP, reverse):
                            REVERSE=reverse, HAS_INIT=init is not None)
 
 
+def _on_input_device(fn):
+    """Triton launches on the current CUDA device: make it the inputs' device, so a process whose current
+    device is another GPU (DDP, several models on several GPUs) still launches where its tensors are."""
+    @functools.wraps(fn)
+    def run(u, *args, **kwargs):
+        if u.device.type == "cuda":
+            with torch.cuda.device(u.device):
+                return fn(u, *args, **kwargs)
+        return fn(u, *args, **kwargs)
+    return run
+
+
+@_on_input_device
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, tile, parts, index=None, routes_per_u=1):
+    """The three forward passes. Returns (y, sumH): y like delta (u's dtype; float32 for a routed scan) and
+    sumH (batch, dim, NP, n_tiles), every tile's end state.
+
+    ``index`` (R, L) int32 makes it the routed scan: every input is in spatial order, group g of B/C and
+    channels g*dim/R.. are route g, whose step t reads (and whose y is written at) position index[g, t];
+    u (batch, u_dim, L) is shared, route g reading channel block g // routes_per_u.
+    """
+    batch, dim, length = delta.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    cfg = _launch_config(batch, dim, dstate, length, groups, u.device, tile, parts)
+    NP, n_tiles = cfg["NP"], cfg["n_tiles"]
+    sumP = torch.empty(batch, dim, NP, n_tiles, device=u.device, dtype=torch.float32)
+    sumH = torch.empty_like(sumP)
+    y = torch.empty_like(u) if index is None else torch.empty(delta.shape, device=u.device, dtype=torch.float32)
+    grid = (groups * cfg["parts_per_group"], n_tiles, batch)
+    common = dict(N=dstate, NP=NP, BD=cfg["BD"], T=cfg["T"], HAS_D=D is not None, HAS_Z=z is not None,
+                  HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None)
+    args = (dim, length, n_tiles, groups, cfg["dims_per_group"], cfg["dims_per_part"], cfg["parts_per_group"],
+            u.shape[1], routes_per_u)
+    dummy = u  # stands in for absent optional pointers; never read
+    ptrs = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy)
+    idx = index if index is not None else dummy
+    _fwd_kernel[grid](*ptrs, y, sumP, sumH, idx, *args, WRITE_Y=False, **common)
+    _carry(sumP, sumH, None, n_tiles, NP, reverse=False)  # sumH now holds every tile's end state
+    _fwd_kernel[grid](*ptrs, y, sumP, sumH, idx, *args, WRITE_Y=True, **common)
+    return y, sumH
+
+
+@_on_input_device
+def _scan_backward(u, delta, A, B, C, D, z, delta_bias, sumH, dout, dlast, softplus, tile, parts, index=None,
+                   routes_per_u=1, dout_shared=False):
+    """The three backward passes. Returns (du, ddelta, dA, dB, dC, dD, dz, dbias) in the inputs' dtypes.
+
+    Routed (``index`` given): du is first written per route, like delta, in float32, then summed over the
+    routes that share a channel block of u. ``dout_shared``: dout is one (batch, dim/G, L) tensor that is
+    every route's d(y) (the output was summed over the routes).
+    """
+    dout = dout.contiguous()
+    if parts is None and torch.are_deterministic_algorithms_enabled():
+        parts = 1  # one program per channel group: dB/dC written once, no atomic reduction
+    batch, dim, length = delta.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    cfg = _launch_config(batch, dim, dstate, length, groups, u.device, tile, parts)
+    NP, n_tiles = cfg["NP"], cfg["n_tiles"]
+    grid = (groups * cfg["parts_per_group"], n_tiles, batch)
+    common = dict(N=dstate, NP=NP, BD=cfg["BD"], T=cfg["T"], HAS_D=D is not None, HAS_Z=z is not None,
+                  HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None,
+                  DOUT_SHARED=dout_shared)
+    args = (dim, length, n_tiles, groups, cfg["dims_per_group"], cfg["dims_per_part"], cfg["parts_per_group"],
+            u.shape[1], routes_per_u)
+    dummy = u
+    Dp = D if D is not None else dummy
+    zp = z if z is not None else dummy
+    bp = delta_bias if delta_bias is not None else dummy
+    idx = index if index is not None else dummy
+    sumP = torch.empty_like(sumH)
+    sumE = torch.empty_like(sumH)
+    _bwd_summary_kernel[grid](u, delta, A, C, Dp, zp, bp, dout, sumH, sumP, sumE, B, idx, *args, **common)
+    has_dlast = dlast is not None and bool(dlast.any())
+    init = None
+    if has_dlast:
+        dlast = dlast.float().contiguous()
+        init = torch.zeros(batch, dim, NP, device=u.device, dtype=torch.float32)
+        init[:, :, :dstate] = dlast
+    _carry(sumP, sumE, init, n_tiles, NP, reverse=True)  # sumE[c] = a dh at the first step of tile c
+    del sumP
+    du = torch.empty_like(u) if index is None else torch.empty(delta.shape, device=u.device, dtype=torch.float32)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    atomic = cfg["parts_per_group"] > 1
+    alloc = torch.zeros if atomic else torch.empty
+    dB = alloc(B.shape, device=u.device, dtype=torch.float32)
+    dC = alloc(C.shape, device=u.device, dtype=torch.float32)
+    dA_part = torch.empty(batch * n_tiles, dim, dstate, device=u.device, dtype=torch.float32)
+    dD_part = torch.empty(batch * n_tiles, dim, device=u.device, dtype=torch.float32) if D is not None else None
+    dbias_part = torch.empty(batch * n_tiles, dim, device=u.device, dtype=torch.float32) \
+        if delta_bias is not None else None
+    _bwd_kernel[grid](u, delta, A, B, C, Dp, zp, bp, dout, sumH, sumE, dlast if has_dlast else dummy,
+                      du, ddelta, dz if dz is not None else dummy, dB, dC, dA_part,
+                      dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+                      idx, *args, HAS_DLAST=has_dlast, ATOMIC_BC=atomic, **common)
+    if index is not None:  # per-route du -> sum over the routes sharing each channel block of u
+        du = du.view(batch, u.shape[1] // (dim // groups), routes_per_u, dim // groups, length).sum(2)
+        du = du.view(u.shape).to(u.dtype)
+    dA = dA_part.sum(0)
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, tile, parts):
         u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
         z = z.contiguous() if z is not None else None
         A = A.contiguous()
-        batch, dim, length = u.shape
-        groups, dstate = B.shape[1], A.shape[1]
-        cfg = _launch_config(batch, dim, dstate, length, groups, u.device, tile, parts)
-        NP, n_tiles = cfg["NP"], cfg["n_tiles"]
-        sumP = torch.empty(batch, dim, NP, n_tiles, device=u.device, dtype=torch.float32)
-        sumH = torch.empty_like(sumP)
-        y = torch.empty_like(u)
-        grid = (groups * cfg["parts_per_group"], n_tiles, batch)
-        common = dict(N=dstate, NP=NP, BD=cfg["BD"], T=cfg["T"], HAS_D=D is not None, HAS_Z=z is not None,
-                      HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
-        args = (dim, length, n_tiles, groups, cfg["dims_per_group"], cfg["dims_per_part"], cfg["parts_per_group"])
-        dummy = u  # stands in for absent optional pointers; never read
-        ptrs = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-                delta_bias if delta_bias is not None else dummy)
-        _fwd_kernel[grid](*ptrs, y, sumP, sumH, *args, WRITE_Y=False, **common)
-        _carry(sumP, sumH, None, n_tiles, NP, reverse=False)  # sumH now holds every tile's end state
-        _fwd_kernel[grid](*ptrs, y, sumP, sumH, *args, WRITE_Y=True, **common)
-        last = sumH[:, :, :dstate, -1].contiguous()
-        del sumP
+        y, sumH = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, tile, parts)
+        last = sumH[:, :, :A.shape[1], -1].contiguous()
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, sumH)
         ctx.softplus, ctx.tile, ctx.parts = softplus, tile, parts
         return y, last
@@ -350,49 +491,34 @@ class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, sumH = ctx.saved_tensors
-        dout = dout.contiguous()
-        batch, dim, length = u.shape
-        groups, dstate = B.shape[1], A.shape[1]
-        cfg = _launch_config(batch, dim, dstate, length, groups, u.device, ctx.tile, ctx.parts)
-        NP, n_tiles = cfg["NP"], cfg["n_tiles"]
-        grid = (groups * cfg["parts_per_group"], n_tiles, batch)
-        common = dict(N=dstate, NP=NP, BD=cfg["BD"], T=cfg["T"], HAS_D=D is not None, HAS_Z=z is not None,
-                      HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus)
-        args = (dim, length, n_tiles, groups, cfg["dims_per_group"], cfg["dims_per_part"], cfg["parts_per_group"])
-        dummy = u
-        Dp = D if D is not None else dummy
-        zp = z if z is not None else dummy
-        bp = delta_bias if delta_bias is not None else dummy
-        sumP = torch.empty_like(sumH)
-        sumE = torch.empty_like(sumH)
-        _bwd_summary_kernel[grid](u, delta, A, C, Dp, zp, bp, dout, sumH, sumP, sumE, B, *args, **common)
-        has_dlast = dlast is not None and bool(dlast.any())
-        init = None
-        if has_dlast:
-            dlast = dlast.float().contiguous()
-            init = torch.zeros(batch, dim, NP, device=u.device, dtype=torch.float32)
-            init[:, :, :dstate] = dlast
-        _carry(sumP, sumE, init, n_tiles, NP, reverse=True)  # sumE[c] = a dh at the first step of tile c
-        del sumP
-        du = torch.empty_like(u)
-        ddelta = torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        atomic = cfg["parts_per_group"] > 1
-        alloc = torch.zeros if atomic else torch.empty
-        dB = alloc(B.shape, device=u.device, dtype=torch.float32)
-        dC = alloc(C.shape, device=u.device, dtype=torch.float32)
-        dA_part = torch.empty(batch * n_tiles, dim, dstate, device=u.device, dtype=torch.float32)
-        dD_part = torch.empty(batch * n_tiles, dim, device=u.device, dtype=torch.float32) if D is not None else None
-        dbias_part = torch.empty(batch * n_tiles, dim, device=u.device, dtype=torch.float32) \
-            if delta_bias is not None else None
-        _bwd_kernel[grid](u, delta, A, B, C, Dp, zp, bp, dout, sumH, sumE, dlast if has_dlast else dummy,
-                          du, ddelta, dz if dz is not None else dummy, dB, dC, dA_part,
-                          dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-                          *args, HAS_DLAST=has_dlast, ATOMIC_BC=atomic, **common)
-        dA = dA_part.sum(0)
-        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
-        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None, None
+        grads = _scan_backward(u, delta, A, B, C, D, z, delta_bias, sumH, dout, dlast, ctx.softplus, ctx.tile,
+                               ctx.parts)
+        return (*grads, None, None, None)
+
+
+class _RoutedScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, index, softplus, tile, parts):
+        u, delta, A, B, C, index = (t.contiguous() for t in (u, delta, A, B, C, index))
+        batch, length = u.shape[0], u.shape[2]
+        routes = B.shape[1]
+        routes_per_u = routes // (u.shape[1] // (delta.shape[1] // routes))
+        y, sumH = _scan_forward(u, delta, A, B, C, D, None, delta_bias, softplus, tile, parts, index, routes_per_u)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, index, sumH)
+        ctx.softplus, ctx.tile, ctx.parts, ctx.routes_per_u = softplus, tile, parts, routes_per_u
+        # (batch, R, Dc, L) from here, so that the gradient of y.sum(1) (one tensor expanded over the routes)
+        # reaches backward as it is, not copied R times by a reshape
+        return y.view(batch, routes, delta.shape[1] // routes, length)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, delta_bias, index, sumH = ctx.saved_tensors
+        shared = dy.shape[1] > 1 and dy.stride(1) == 0  # one (batch, Dc, L) tensor expanded over the routes
+        dout = dy[:, 0].contiguous() if shared else dy.reshape(delta.shape)
+        du, ddelta, dA, dB, dC, dD, _, dbias = _scan_backward(
+            u, delta, A, B, C, D, None, delta_bias, sumH, dout, None, ctx.softplus, ctx.tile, ctx.parts, index,
+            ctx.routes_per_u, dout_shared=shared)
+        return du, ddelta, dA, dB, dC, dD, dbias, None, None, None, None
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, tile=None, parts=None):
@@ -402,3 +528,13 @@ def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, t
     group's channels (> 1 reduces dB/dC with atomics); tests use them to reach every code path.
     """
     return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, tile, parts)
+
+
+def routed_selective_scan_triton(u, delta, A, B, C, D, delta_bias, index, delta_softplus, tile=None, parts=None):
+    """Routed scan on checked inputs (see ``medmamba.kernels.routed_selective_scan``): u (batch, K*Dc, L),
+    delta (batch, R*Dc, L), B/C (batch, R, N, L), all in spatial order, index (R, L) int32. Returns y
+    (batch, R, Dc, L) float32 in spatial order. No gathered copy of any input is made: the kernels load
+    and store through ``index``; a d(y) that is one tensor expanded over the routes (the gradient of
+    ``y.sum(1)``) is read in place.
+    """
+    return _RoutedScanTriton.apply(u, delta, A, B, C, D, delta_bias, index, delta_softplus, tile, parts)

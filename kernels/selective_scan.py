@@ -40,9 +40,22 @@ def triton_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
     return False, f"no Triton backend for device type {device.type!r}"
 
 
-def _check(u, delta, A, B, C, D, z, delta_bias):
+def resolve_backend(device: torch.device | str, backend: str | None = None, op: str = "selective_scan") -> str:
+    """The backend a scan of tensors on ``device`` runs on: ``backend`` if given, else the environment
+    variable MEDMAMBA_SCAN_BACKEND, else Triton for CUDA tensors (when it can run) and PyTorch otherwise."""
+    if backend is None:
+        backend = os.environ.get("MEDMAMBA_SCAN_BACKEND") or None
+    if backend is None:
+        device = torch.device(device)
+        backend = "triton" if device.type == "cuda" and triton_available(device)[0] else "torch"
+    if backend not in BACKENDS:
+        raise ScanInputError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS} or None")
+    return backend
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias, op="selective_scan"):
     def fail(msg):
-        raise ScanInputError(f"selective_scan: {msg}")
+        raise ScanInputError(f"{op}: {msg}")
 
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if not isinstance(t, torch.Tensor):
@@ -110,12 +123,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Triton kernels (on CPU tensors only under TRITON_INTERPRET=1); "torch" forces the PyTorch path.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
-    if backend is None:
-        backend = os.environ.get("MEDMAMBA_SCAN_BACKEND") or None
-    if backend is None:
-        backend = "triton" if u.device.type == "cuda" and triton_available(u.device)[0] else "torch"
-    if backend not in BACKENDS:
-        raise ScanInputError(f"selective_scan: unknown backend {backend!r}; choose one of {BACKENDS} or None")
+    backend = resolve_backend(u.device, backend)
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
     if backend == "triton":

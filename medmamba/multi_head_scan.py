@@ -4,7 +4,9 @@ API (stable):
 
 * ``MultiHeadScan(d_model, spatial_dims=3, num_heads=4, d_state=16, families=None, threshold=0.5,
   dt_rank="auto", dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0, out_norm=True,
-  scan_backend=None)``: ``(B, *S, d_model) -> (B, *S, d_model)``.
+  scan_backend=None, fused_routes=None)``: ``(B, *S, d_model) -> (B, *S, d_model)``. ``fused_routes``: as
+  ``CrossScan``'s (True: one routed scan through the (4h, L) index table, no gathered copies; False:
+  gather / scan / un-permute; None: fused when the scan runs on the Triton backend). Same outputs.
 * ``MHSMixer(d_model, spatial_dims=3, num_heads=4, d_state=16, families=None, threshold=0.5, d_conv=3,
   conv_bias=True, bias=False, **scan_kwargs)``: MHS-VM's gated token mixer (the drop-in replacement
   for SS2D inside a VSS block), ``(B, *S, d_model) -> (B, *S, d_model)``.
@@ -50,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medmamba.cross_scan import init_route_params, multi_route_scan
+from medmamba.cross_scan import fused_multi_route_scan, init_route_params, multi_route_scan, use_fused_routes
 from medmamba.mamba import fp32_region
 from medmamba.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
 
@@ -81,7 +83,7 @@ class MultiHeadScan(nn.Module):
     def __init__(self, d_model: int, spatial_dims: int = 3, num_heads: int = 4, d_state: int = 16,
                  families: Sequence[str] | None = None, threshold: float = 0.5, dt_rank="auto",
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
-                 out_norm: bool = True, scan_backend=None):
+                 out_norm: bool = True, scan_backend=None, fused_routes: bool | None = None):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"MultiHeadScan: spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -112,6 +114,7 @@ class MultiHeadScan(nn.Module):
         self.threshold = float(threshold)
         self.families = families
         self.scan_backend = scan_backend
+        self.fused_routes = fused_routes
         # Per head: route a, a reversed, route b, b reversed (the order of the published code).
         self.routes = [[a, a + "_rev", b, b + "_rev"] for a, b in (MHS_FAMILIES[f] for f in families)]
         inner = num_heads * self.d_head
@@ -160,6 +163,17 @@ class MultiHeadScan(nn.Module):
             self._tables[key] = hit
         return hit
 
+    def route_index(self, spatial_shape, device) -> torch.Tensor:
+        """(4h, L) int32 routed-scan index table (sequence s = head * 4 + route), cached per (shape, device)."""
+        shape = tuple(int(s) for s in spatial_shape)
+        key = ("route_index", shape, str(device))
+        hit = self._tables.get(key)
+        if hit is None:
+            perm = torch.stack([route_permutation(shape, r) for head in self.routes for r in head])
+            hit = perm.to(device=device, dtype=torch.int32).contiguous()
+            self._tables[key] = hit
+        return hit
+
     def scan_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h * d_head, *S) channels-first head inputs -> (B, h, 4, d_head, L) float32 route outputs,
         each put back in raster order (before Scan Route Attention)."""
@@ -167,6 +181,12 @@ class MultiHeadScan(nn.Module):
         spatial = tuple(x.shape[2:])
         length = math.prod(spatial)
         h, d = self.num_heads, self.d_head
+        if use_fused_routes(self.fused_routes, x.device, self.scan_backend):
+            # heads are the K channel blocks of the routed scan, each read by its 4 routes
+            ys = fused_multi_route_scan(x.reshape(b, h * d, length), self.route_index(spatial, x.device),
+                                        self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
+                                        self.Ds, backend=self.scan_backend)  # (B, 4h, d, L) fp32, raster order
+            return ys.view(b, h, ROUTES_PER_HEAD, d, length)
         gather_idx, merge_idx = self.index_tables(spatial, x.device)
         flat = x.reshape(b, h, d, length).transpose(1, 2).reshape(b, d, h * length)
         xs = flat.index_select(2, gather_idx).view(b, d, h * ROUTES_PER_HEAD, length).transpose(1, 2)

@@ -15,7 +15,8 @@ API (stable):
   Multi-Head Scan route pairs of MHS-VM; each head uses its pair plus the two reverses.
 * ``class ScanRoutes(nn.Module)(routes)``: ``gather(x (B, C, *S)) -> (B, R, C, L)`` and
   ``merge(y (B, R, C, L), spatial_shape) -> (B, C, *S)`` (each route un-permuted, then summed);
-  ``permutations(shape, device) -> (perm (R, L), inv (R, L))``. Index tables are cached per
+  ``permutations(shape, device) -> (perm (R, L), inv (R, L))``; ``route_index(shape, device) -> (R, L)
+  int32`` (``perm`` as the index table of ``medmamba.kernels.routed_selective_scan``). Index tables are cached per
   (shape, device) in a plain dict: no buffers, nothing in the state dict, and the cache is dropped
   whenever the module is moved (``.to``/``.cuda``), new tables being built on the tensor's device.
 
@@ -267,6 +268,20 @@ class ScanRoutes(nn.Module):
             perm = torch.stack([route_permutation(shape, r) for r in self.routes])
             inv = inverse_permutation(perm)
             hit = (perm.to(device), inv.to(device))
+            self._cache[key] = hit
+        return hit
+
+    def route_index(self, shape: Sequence[int], device=None) -> torch.Tensor:
+        """``perm`` of ``permutations`` as a contiguous (R, L) int32 tensor on ``device`` (the routed-scan
+        kernels' index table: route r visits raster position ``perm[r, t]`` at step t); cached likewise."""
+        shape = _normalise_shape(shape)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        key = ("route_index", shape, str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            if math.prod(shape) >= 2 ** 31:
+                raise ValueError(f"ScanRoutes.route_index: {math.prod(shape)} positions do not fit int32")
+            hit = self.permutations(shape, device)[0].to(torch.int32).contiguous()
             self._cache[key] = hit
         return hit
 

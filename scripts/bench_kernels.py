@@ -6,8 +6,16 @@ kernel issue, fp32 and bf16, and writes JSON + Markdown naming the device, versi
 
     python scripts/bench_kernels.py --out docs/benchmarks            # GPU: the issue's shapes
     python scripts/bench_kernels.py --device cpu --out docs/benchmarks  # CPU: PyTorch path, smaller shapes
+    python scripts/bench_kernels.py --routes --out docs/benchmarks   # + the 6-route SS3D layer, fused vs unfused
 
 mamba_ssm is timed when ``import mamba_ssm`` works (it needs its compiled extension).
+
+``--routes`` adds a second table: the SS3D layer (``medmamba.cross_scan.CrossScan``, spatial_dims=3, 6
+routes, d_model 48 -> d_inner 96, N 16, fp32) with ``fused_routes=True`` (routed scan, no gathered copies)
+and ``False`` (gather / scan / merge), forward and forward+backward (gradients of the input and every
+parameter) and peak memory, at 32^3 / 64^3 / 128^3 on a GPU (``--route-sizes``), tiny volumes on CPU. It
+goes into the same JSON (``route_rows``) and Markdown; ``--routes-only`` skips the scan table and writes
+``kernels_routes_<device>.json/.md`` instead, leaving the scan results alone.
 """
 from __future__ import annotations
 
@@ -23,6 +31,9 @@ import time
 
 import torch
 
+ROUTE_D_MODEL = 48
+GPU_ROUTE_SIZES = [32, 64, 128]
+CPU_ROUTE_SIZES = [8, 16]
 GPU_SHAPES = [(2, 640, 64), (2, 512, 4096), (2, 256, 32768), (2, 128, 262144), (2, 64, 2097152)]
 CPU_SHAPES = [(2, 640, 64), (2, 512, 4096), (2, 256, 32768)]
 DSTATE = 16
@@ -106,6 +117,86 @@ def bench_one(impl, shape, dtype, device, repeats):
             "peak_gib": round(peak, 3) if peak is not None else None}
 
 
+def bench_route_layer(size, fused, device, repeats, batch):
+    """SS3D layer (6 routes) at size^3, fused or unfused routes: times, peak memory, output."""
+    from medmamba.cross_scan import CrossScan
+    from medmamba.kernels import resolve_backend
+
+    torch.manual_seed(0)
+    m = CrossScan(ROUTE_D_MODEL, spatial_dims=3, fused_routes=fused).to(device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch, size, size, size, ROUTE_D_MODEL, generator=g).to(device).requires_grad_(True)
+    dy = torch.randn(x.shape, generator=g).to(device)
+    params = list(m.parameters())
+
+    def fwd():
+        with torch.no_grad():
+            return m(x)
+
+    def fwd_bwd():
+        torch.autograd.grad(m(x), [x, *params], dy)
+
+    peaks = {}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peaks[name] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+        else:
+            peaks[name] = None
+    fb_ms = timed(fwd_bwd, device, repeats)
+    f_ms = timed(fwd, device, repeats)
+    row = {"layer": f"CrossScan 3D R=6 d_model={ROUTE_D_MODEL}", "size": [size] * 3, "batch": batch,
+           "fused": bool(fused), "scan_backend": resolve_backend(device), "fwd_ms": round(f_ms, 3),
+           "fwd_bwd_ms": round(fb_ms, 3), "peak_fwd_gib": peaks["fwd"], "peak_fwd_bwd_gib": peaks["fwd_bwd"]}
+    return row, fwd().float().cpu()
+
+
+def bench_routes(sizes, device, repeats, batch):
+    rows = []
+    for size in sizes:
+        outs = {}
+        for fused in (False, True):
+            try:
+                row, outs[fused] = bench_route_layer(size, fused, device, repeats, batch)
+            except Exception as exc:  # an OOM is a result too
+                row = {"layer": f"CrossScan 3D R=6 d_model={ROUTE_D_MODEL}", "size": [size] * 3, "batch": batch,
+                       "fused": fused, "error": f"{type(exc).__name__}: {exc}"[:120]}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if fused and len(outs) == 2:
+                row["max_abs_diff_vs_unfused"] = float((outs[True] - outs[False]).abs().max())
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def routes_markdown(meta, rows):
+    lines = [f"### Routed scan: SS3D layer fused vs unfused, {meta['device']} ({meta['date']})", "",
+             f"`{meta['command']}`; `medmamba.cross_scan.CrossScan(spatial_dims=3)`: 6 routes, d_model "
+             f"{ROUTE_D_MODEL}, d_inner {2 * ROUTE_D_MODEL}, N 16, fp32; fused = `fused_routes=True` (routed scan, "
+             "no gathered copies), unfused = gather / scan / merge; fwd+bwd computes the gradients of the input "
+             "and every parameter; peak = allocated above the inputs and parameters; median of repeats.", "",
+             "| volume | batch | routes | scan backend | fwd ms | fwd+bwd ms | peak fwd GiB | peak fwd+bwd GiB | "
+             "max abs diff to unfused |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        vol = "x".join(str(v) for v in r["size"])
+        path = "fused" if r["fused"] else "unfused"
+        if "error" in r:
+            lines.append(f"| {vol} | {r['batch']} | {path} | | {r['error']} | | | | |")
+            continue
+        dash = lambda v: "-" if v is None else v  # noqa: E731
+        diff = r.get("max_abs_diff_vs_unfused")
+        lines.append(f"| {vol} | {r['batch']} | {path} | {r['scan_backend']} | {r['fwd_ms']} | {r['fwd_bwd_ms']} | "
+                     f"{dash(r['peak_fwd_gib'])} | {dash(r['peak_fwd_bwd_gib'])} | "
+                     f"{'-' if diff is None else f'{diff:.2e}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def versions():
     out = {}
     for dist in ("torch", "triton", "mamba_ssm"):
@@ -143,7 +234,15 @@ def main():
     p.add_argument("--max-torch-elements", type=float, default=2**31,
                    help="skip the PyTorch path above this B*D*L*N (it is the slow fallback)")
     p.add_argument("--out", default=None, help="folder for kernels_<device>.json/.md")
+    p.add_argument("--routes", action="store_true",
+                   help="also time the 6-route SS3D layer (CrossScan) with fused vs unfused routes")
+    p.add_argument("--routes-only", action="store_true",
+                   help="only the route table, written to kernels_routes_<device>.json/.md")
+    p.add_argument("--route-sizes", nargs="+", type=int, default=None,
+                   help="cube edges for --routes (default 32 64 128 on GPU, 8 16 on CPU)")
+    p.add_argument("--route-batch", type=int, default=1)
     args = p.parse_args()
+    args.routes = args.routes or args.routes_only
     device = torch.device(args.device)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else \
         (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
@@ -161,7 +260,7 @@ def main():
     meta = {"device": name, "date": datetime.date.today().isoformat(), "versions": versions(),
             "command": "python " + " ".join(sys.argv), "python": platform.python_version()}
     rows = []
-    for shape in shapes:
+    for shape in ([] if args.routes_only else shapes):
         for dt in args.dtype:
             for impl in impls:
                 if impl == "torch" and shape[0] * shape[1] * shape[2] * DSTATE > args.max_torch_elements:
@@ -174,13 +273,22 @@ def main():
                         torch.cuda.empty_cache()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    md = to_markdown(meta, rows)
+    route_rows = []
+    if args.routes:
+        sizes = args.route_sizes or (GPU_ROUTE_SIZES if device.type == "cuda" else CPU_ROUTE_SIZES)
+        route_rows = bench_routes(sizes, device, args.repeats, args.route_batch)
+    md = "" if args.routes_only else to_markdown(meta, rows)
+    if args.routes:
+        md += ("\n" if md else "") + routes_markdown(meta, route_rows)
     print(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"kernels_{device.type}")
+        stem = os.path.join(args.out, f"kernels_routes_{device.type}" if args.routes_only else f"kernels_{device.type}")
         with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            out = {"meta": meta, "rows": rows}
+            if args.routes:
+                out["route_rows"] = route_rows
+            json.dump(out, f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write(md)
 

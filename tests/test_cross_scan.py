@@ -141,3 +141,15 @@ def test_state_dict_has_no_route_tables():
                     "conv.weight", "conv.bias", "out_norm.weight", "out_norm.bias", "out_proj.weight"}
     m2 = CrossScan(8, spatial_dims=3)
     m2.load_state_dict(m.state_dict(), strict=True)
+
+
+def test_fused_routes_environment_switch(monkeypatch):
+    from medmamba.cross_scan import use_fused_routes
+    monkeypatch.delenv("MEDMAMBA_FUSED_ROUTES", raising=False)
+    assert use_fused_routes(None, "cpu", None) is False  # the PyTorch backend on CPU
+    assert use_fused_routes(None, "cpu", "triton") is True
+    monkeypatch.setenv("MEDMAMBA_FUSED_ROUTES", "0")
+    assert use_fused_routes(None, "cpu", "triton") is False
+    assert use_fused_routes(True, "cpu", "torch") is True  # the layer's own setting wins
+    monkeypatch.setenv("MEDMAMBA_FUSED_ROUTES", "1")
+    assert use_fused_routes(None, "cpu", None) is True

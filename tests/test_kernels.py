@@ -203,3 +203,36 @@ def test_backend_from_environment(monkeypatch):
         selective_scan(*xs[:5])
     monkeypatch.setenv("MEDMAMBA_SCAN_BACKEND", "torch")
     torch.testing.assert_close(selective_scan(*xs[:5]), selective_scan_ref(*xs[:5]), rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_mode_avoids_atomic_reduction(monkeypatch):
+    """torch.use_deterministic_algorithms(True): the Triton backward asks for one program per B/C group
+    (no atomic dB/dC reduction); the forward keeps its launch; gradients are unchanged."""
+    from medmamba.kernels import scan_triton
+
+    asked = []
+    real = scan_triton._launch_config
+
+    def spy(batch, dim, dstate, length, groups, device, tile=None, parts=None):
+        asked.append(parts)
+        return real(batch, dim, dstate, length, groups, device, tile, parts)
+    monkeypatch.setattr(scan_triton, "_launch_config", spy)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 8, 70, generator=g), torch.rand(1, 8, 70, generator=g), -torch.rand(8, 4, generator=g),
+              torch.randn(1, 1, 4, 70, generator=g), torch.randn(1, 1, 4, 70, generator=g)]
+    inputs = [t.requires_grad_(True) for t in inputs]
+
+    def grads():
+        y = scan_triton.selective_scan_triton(*inputs, None, None, None, False, tile=16)[0]
+        return torch.autograd.grad(y.square().sum(), inputs)
+    ref = grads()
+    assert asked == [None, None]
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        got = grads()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert asked[2:] == [None, 1]  # forward, backward
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
