@@ -24,6 +24,7 @@ shared by the routes, at its own channel offset). The HAS_INDEX=False code is th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -60,13 +61,33 @@ def _load_dt(delta_ptr, bias_ptr, off, d, mask, md, HAS_BIAS: tl.constexpr, SOFT
 
 
 @triton.jit
-def _program_range(dims_per_group, dims_per_part, parts_per_group):
-    """This program's tile, batch, group and channel range [d_lo, d_hi) (inside one B/C group)."""
-    pid_p = tl.program_id(0)
+def _program_range(n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group):
+    """This program's tile, batch, group and channel range [d_lo, d_hi) (inside one B/C group).
+
+    The grid is one axis (see ``_grid``): CUDA caps axes y and z at 65,535, which tiles of a long scan
+    (L > 4.2M) would exceed. Channel parts vary fastest, then tiles, then batch.
+    """
+    pid = tl.program_id(0)
+    parts = n_groups * parts_per_group
+    pid_p = pid % parts
+    pid_c = (pid // parts) % n_tiles
+    pid_b = pid // (parts * n_tiles)
     g = pid_p // parts_per_group
     d_lo = g * dims_per_group + (pid_p % parts_per_group) * dims_per_part
     d_hi = tl.minimum(d_lo + dims_per_part, (g + 1) * dims_per_group)
-    return tl.program_id(1), tl.program_id(2), d_lo, d_hi, g
+    return pid_c, pid_b, d_lo, d_hi, g
+
+
+@triton.jit
+def _last_step(x, T: tl.constexpr):
+    """The last step of a (BD, T, NP) block, as a sum with every other step masked to 0.
+
+    Used instead of ``tl.reduce`` with ``_combine``: a compiled reduce folds in any order (per-thread
+    strided elements, then lanes in butterfly order), so its combine must be commutative, which
+    ``_combine`` is not. The last step of an ``associative_scan`` is order-exact, and a masked sum of
+    one non-zero entry is exact in any order.
+    """
+    return tl.sum(tl.where((tl.arange(0, T) == T - 1)[None, :, None], x, 0.0), axis=1)
 
 
 @triton.jit
@@ -128,7 +149,7 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y
                 N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 WRITE_Y: tl.constexpr, HAS_INDEX: tl.constexpr):
-    pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
+    pid_c, pid_b, d_lo, d_hi, g = _program_range(n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group)
     t = pid_c * T + tl.arange(0, T)
     mt = t < length
     pos = _positions(idx_ptr, g, t, mt, length, HAS_INDEX)
@@ -145,9 +166,9 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y
         bx = (dt * u)[:, :, None] * Bt[None, :, :]
         s_off = ((pid_b * dim + d[:, None]) * NP + n[None, :]).to(tl.int64) * n_tiles + pid_c  # (BD, NP)
         m_s = md[:, None] & (n[None, :] < NP)
+        acum, hloc = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)
         if WRITE_Y:
             h0 = tl.load(sumH_ptr + s_off - 1, mask=m_s & (pid_c > 0), other=0.0)
-            acum, hloc = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)
             h = hloc + acum * h0[:, None, :]
             y = tl.sum(h * Ct[None, :, :], axis=2)  # (BD, T)
             if HAS_D:
@@ -157,9 +178,9 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y
                 y *= z * _sigmoid(z)
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m2)
         else:
-            P, H = tl.reduce((a, bx), axis=1, combine_fn=_combine)
-            tl.store(sumP_ptr + s_off, P, mask=m_s)
-            tl.store(sumH_ptr + s_off, H, mask=m_s)
+            # the tile's summary is the scan's last step (padding steps are the identity (1, 0))
+            tl.store(sumP_ptr + s_off, _last_step(acum, T), mask=m_s)
+            tl.store(sumH_ptr + s_off, _last_step(hloc, T), mask=m_s)
 
 
 @triton.jit
@@ -184,9 +205,10 @@ def _carry_kernel(sumP_ptr, sumH_ptr, init_ptr, n_tiles, NP: tl.constexpr, CB: t
         P = tl.load(sumP_ptr + off, mask=m, other=1.0)
         H = tl.load(sumH_ptr + off, mask=m, other=0.0)
         accP, accH = tl.associative_scan((P, H), axis=1, combine_fn=_combine)
-        tl.store(sumH_ptr + off, accH + accP * carry[:, None], mask=m)
-        totP, totH = tl.reduce((P, H), axis=1, combine_fn=_combine)
-        carry = totH + totP * carry
+        h = accH + accP * carry[:, None]
+        tl.store(sumH_ptr + off, h, mask=m)
+        # the new carry is the last column (order-exact; masked tiles past the end are the identity (1, 0))
+        carry = tl.sum(tl.where((tl.arange(0, CB) == CB - 1)[None, :], h, 0.0), axis=1)
 
 
 @triton.jit
@@ -213,7 +235,7 @@ def _bwd_summary_kernel(u_ptr, delta_ptr, A_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, 
                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SOFTPLUS: tl.constexpr, HAS_INDEX: tl.constexpr, DOUT_SHARED: tl.constexpr):
     """Per tile: P = prod a and R = sum_t (prod_{s<=t} a_s) C_t dy_t (the adjoint sent to the tile before)."""
-    pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
+    pid_c, pid_b, d_lo, d_hi, g = _program_range(n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group)
     t = pid_c * T + tl.arange(0, T)
     mt = t < length
     pos = _positions(idx_ptr, g, t, mt, length, HAS_INDEX)
@@ -260,7 +282,7 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, HAS_INDEX: tl.constexpr,
                 DOUT_SHARED: tl.constexpr):
-    pid_c, pid_b, d_lo, d_hi, g = _program_range(dims_per_group, dims_per_part, parts_per_group)
+    pid_c, pid_b, d_lo, d_hi, g = _program_range(n_tiles, n_groups, dims_per_group, dims_per_part, parts_per_group)
     tl_ = tl.arange(0, T)
     t = pid_c * T + tl_
     mt = t < length
@@ -344,6 +366,20 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
         tl.store(dC_ptr + bc_off, dC_acc, mask=m_bc)
 
 
+# CUDA's launch limit on grid axis x; the kernels use that axis alone (axes y and z stop at 65,535).
+MAX_GRID_X = 2 ** 31 - 1
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of the device (None for the interpreter). ``launch_recorder`` overrides it
+    to plan launches for a GPU that is not there."""
+    if _RECORDER is not None:
+        return _RECORDER.sm_count
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
+
+
 def _launch_config(batch, dim, dstate, length, groups, device, tile=None, parts=None):
     """Tile length T, channels per step BD, and how many programs share one group's channels."""
     NP = triton.next_power_of_2(dstate)
@@ -351,10 +387,9 @@ def _launch_config(batch, dim, dstate, length, groups, device, tile=None, parts=
     BD = max(1, min(16, 4096 // (T * NP)))
     n_tiles = triton.cdiv(length, T)
     dims_per_group = dim // groups
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 1  # the interpreter runs programs one by one: fewer, fuller programs are faster
+    sm_count = _sm_count(device)
+    # the interpreter runs programs one by one: fewer, fuller programs are faster
+    target = 4 * sm_count if sm_count else 1
     if parts is None:
         parts = triton.cdiv(target, batch * n_tiles * groups)
     parts = max(1, min(triton.cdiv(dims_per_group, BD), parts))
@@ -364,11 +399,52 @@ def _launch_config(batch, dim, dstate, length, groups, device, tile=None, parts=
                 dims_per_part=dims_per_part, parts_per_group=parts)
 
 
+def _grid(cfg, groups, batch):
+    """One grid axis of (channel parts x tiles x batch) programs, checked against CUDA's limit."""
+    programs = groups * cfg["parts_per_group"] * cfg["n_tiles"] * batch
+    if programs > MAX_GRID_X:
+        raise ValueError(f"selective scan: {programs} programs exceed CUDA's grid limit ({MAX_GRID_X}); "
+                         f"split the batch")
+    return (programs,)
+
+
+class LaunchRecorder:
+    """Collects the launches the dispatch makes instead of running them (see ``launch_recorder``)."""
+
+    def __init__(self, sm_count):
+        self.sm_count = sm_count
+        self.launches = []  # (kernel, grid, args, kwargs)
+
+
+_RECORDER = None
+
+
+@contextlib.contextmanager
+def launch_recorder(sm_count=132):
+    """Plan, do not run: every kernel launch inside is recorded (kernel, grid, arguments) and skipped, and
+    launch configurations are chosen for a GPU with ``sm_count`` SMs (132: H100/H200; 108: A100). With
+    tensors on the meta device this walks the dispatch without a GPU: the compile check and the grid
+    limit tests use it."""
+    global _RECORDER
+    prev, _RECORDER = _RECORDER, LaunchRecorder(sm_count)
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = prev
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    if _RECORDER is not None:
+        _RECORDER.launches.append((kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
 def _carry(sumP, sumH, init, n_tiles, NP, reverse):
     rows = sumP.shape[0] * sumP.shape[1]
     CB = min(256, triton.next_power_of_2(n_tiles))
-    _carry_kernel[(rows,)](sumP, sumH, init if init is not None else sumH, n_tiles, NP=NP, CB=CB,
-                           REVERSE=reverse, HAS_INIT=init is not None)
+    _launch(_carry_kernel, (rows,), sumP, sumH, init if init is not None else sumH, n_tiles, NP=NP, CB=CB,
+            REVERSE=reverse, HAS_INIT=init is not None)
 
 
 def _on_input_device(fn):
@@ -399,7 +475,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, tile, parts, in
     sumP = torch.empty(batch, dim, NP, n_tiles, device=u.device, dtype=torch.float32)
     sumH = torch.empty_like(sumP)
     y = torch.empty_like(u) if index is None else torch.empty(delta.shape, device=u.device, dtype=torch.float32)
-    grid = (groups * cfg["parts_per_group"], n_tiles, batch)
+    grid = _grid(cfg, groups, batch)
     common = dict(N=dstate, NP=NP, BD=cfg["BD"], T=cfg["T"], HAS_D=D is not None, HAS_Z=z is not None,
                   HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None)
     args = (dim, length, n_tiles, groups, cfg["dims_per_group"], cfg["dims_per_part"], cfg["parts_per_group"],
@@ -408,9 +484,9 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, tile, parts, in
     ptrs = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy)
     idx = index if index is not None else dummy
-    _fwd_kernel[grid](*ptrs, y, sumP, sumH, idx, *args, WRITE_Y=False, **common)
+    _launch(_fwd_kernel, grid, *ptrs, y, sumP, sumH, idx, *args, WRITE_Y=False, **common)
     _carry(sumP, sumH, None, n_tiles, NP, reverse=False)  # sumH now holds every tile's end state
-    _fwd_kernel[grid](*ptrs, y, sumP, sumH, idx, *args, WRITE_Y=True, **common)
+    _launch(_fwd_kernel, grid, *ptrs, y, sumP, sumH, idx, *args, WRITE_Y=True, **common)
     return y, sumH
 
 
@@ -430,7 +506,7 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, sumH, dout, dlast, softp
     groups, dstate = B.shape[1], A.shape[1]
     cfg = _launch_config(batch, dim, dstate, length, groups, u.device, tile, parts)
     NP, n_tiles = cfg["NP"], cfg["n_tiles"]
-    grid = (groups * cfg["parts_per_group"], n_tiles, batch)
+    grid = _grid(cfg, groups, batch)
     common = dict(N=dstate, NP=NP, BD=cfg["BD"], T=cfg["T"], HAS_D=D is not None, HAS_Z=z is not None,
                   HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_INDEX=index is not None,
                   DOUT_SHARED=dout_shared)
@@ -443,8 +519,8 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, sumH, dout, dlast, softp
     idx = index if index is not None else dummy
     sumP = torch.empty_like(sumH)
     sumE = torch.empty_like(sumH)
-    _bwd_summary_kernel[grid](u, delta, A, C, Dp, zp, bp, dout, sumH, sumP, sumE, B, idx, *args, **common)
-    has_dlast = dlast is not None and bool(dlast.any())
+    _launch(_bwd_summary_kernel, grid, u, delta, A, C, Dp, zp, bp, dout, sumH, sumP, sumE, B, idx, *args, **common)
+    has_dlast = dlast is not None  # (checking it for zeros would synchronise with the GPU)
     init = None
     if has_dlast:
         dlast = dlast.float().contiguous()
@@ -463,7 +539,7 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, sumH, dout, dlast, softp
     dD_part = torch.empty(batch * n_tiles, dim, device=u.device, dtype=torch.float32) if D is not None else None
     dbias_part = torch.empty(batch * n_tiles, dim, device=u.device, dtype=torch.float32) \
         if delta_bias is not None else None
-    _bwd_kernel[grid](u, delta, A, B, C, Dp, zp, bp, dout, sumH, sumE, dlast if has_dlast else dummy,
+    _launch(_bwd_kernel, grid, u, delta, A, B, C, Dp, zp, bp, dout, sumH, sumE, dlast if has_dlast else dummy,
                       du, ddelta, dz if dz is not None else dummy, dB, dC, dA_part,
                       dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
                       idx, *args, HAS_DLAST=has_dlast, ATOMIC_BC=atomic, **common)
