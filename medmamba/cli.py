@@ -57,6 +57,10 @@ def _check_in_subprocess(backend, device, env_extra):
 
 
 def cmd_check(args) -> int:
+    if getattr(args, "compile", None):
+        from medmamba.kernels import compile_check
+
+        return compile_check.run(args.compile, args.json, args.workers, args.verbose)
     import torch
 
     from medmamba import __version__
@@ -110,7 +114,13 @@ def main(argv=None) -> int:
     from medmamba.pretrain import cli as pretrain_cli
 
     demo.add_parser(sub)
-    p = sub.add_parser("check", help="versions, which scan backends work here, one scan per backend vs the reference")
+    p = sub.add_parser("check", help="versions, which scan backends work here, one scan per backend vs the reference; "
+                                     "--compile: compile every Triton kernel variant for GPU targets (no GPU needed)")
+    p.add_argument("--compile", metavar="TARGETS", help="comma-separated GPU targets, e.g. sm_80,sm_90: compile every "
+                   "kernel variant the scan dispatch launches and report registers, spills, shared memory, warps/SM")
+    p.add_argument("--json", help="with --compile: write every compilation's numbers here")
+    p.add_argument("--workers", type=int, help="with --compile: parallel compiler processes (default: CPU count)")
+    p.add_argument("--verbose", action="store_true", help="with --compile: one line per kernel variant")
     p.set_defaults(func=cmd_check)
     pretrain_cli.add_parser(sub)
     nnunet_cli.add_parsers(sub)

@@ -2,6 +2,7 @@
 
 Pure functions only; modules with parameters live in ``medmamba``.
 """
+from . import ops  # noqa: F401  (registers the torch.ops.medmamba operators)
 from .reference import selective_scan_ref
 from .routed_scan import routed_selective_scan
 from .selective_scan import BACKENDS, ScanInputError, resolve_backend, selective_scan, triton_available

@@ -101,90 +101,84 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus):
     return y.to(u.dtype), h.reshape(batch, dim, dstate), starts, T
 
 
-class _SelectiveScanTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        y, last, starts, T = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
-        ctx.softplus = softplus
-        ctx.chunk = T
-        return y, last
-
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
-        softplus, T = ctx.softplus, ctx.chunk
-        batch, dim, length = u.shape
-        groups, dstate = B.shape[1], A.shape[1]
-        gv = lambda x: _group_view(x, groups)  # noqa: E731
-        A32 = gv(A.float()[None])[:, :, :, None, :]
-        D32 = D.float()[:, None] if D is not None else None
-        du = torch.empty(batch, dim, length, dtype=torch.float32, device=u.device)
-        ddelta = torch.empty_like(du)
-        dz = torch.empty_like(du) if z is not None else None
-        dA = torch.zeros_like(A32)
-        dB = torch.empty(B.shape, dtype=torch.float32, device=u.device)
-        dC = torch.empty(C.shape, dtype=torch.float32, device=u.device)
-        dD = torch.zeros(dim, dtype=torch.float32, device=u.device) if D is not None else None
-        # carry = a_{t1} dh_{t1}: what the chunk after this one sends back to the last step of this one.
-        carry = gv(dlast.float()) if dlast is not None else torch.zeros_like(starts[:, :, :, 0])
-        dout = dout.float()
-        for c in reversed(range(starts.shape[3])):
-            s = c * T
-            e = min(s + T, length)
-            uc = u[:, :, s:e].float()
-            dt = _delta(delta[:, :, s:e], delta_bias, softplus)
-            a = torch.exp(gv(dt).unsqueeze(-1) * A32)
-            Bc, Cc = _bc_chunk(B, s, e), _bc_chunk(C, s, e)
-            dtu = gv(dt * uc).unsqueeze(-1)
-            h0 = starts[:, :, :, c]
-            _, hs = _doubling_scan(a, dtu * Bc, h0)
-            g = dout[:, :, s:e]
-            if z is not None:
-                zc = z[:, :, s:e].float()
-                sz = torch.sigmoid(zc)
-                pre = gv(torch.einsum("bgdtn,bgotn->bgdt", hs, Cc)).reshape(batch, dim, -1)
-                if D32 is not None:
-                    pre = pre + D32 * uc
-                dz[:, :, s:e] = g * pre * sz * (1 + zc * (1 - sz))
-                g = g * zc * sz
+def _scan_backward(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, softplus):
+    """Backward pass from the chunk-start states ``starts``: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in
+    the inputs' dtypes (None for absent inputs). ``dlast`` (the last state's gradient) may be None."""
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    T = chunk_length(batch, dim, dstate, length)
+    gv = lambda x: _group_view(x, groups)  # noqa: E731
+    A32 = gv(A.float()[None])[:, :, :, None, :]
+    D32 = D.float()[:, None] if D is not None else None
+    du = torch.empty(batch, dim, length, dtype=torch.float32, device=u.device)
+    ddelta = torch.empty_like(du)
+    dz = torch.empty_like(du) if z is not None else None
+    dA = torch.zeros_like(A32)
+    dB = torch.empty(B.shape, dtype=torch.float32, device=u.device)
+    dC = torch.empty(C.shape, dtype=torch.float32, device=u.device)
+    dD = torch.zeros(dim, dtype=torch.float32, device=u.device) if D is not None else None
+    # carry = a_{t1} dh_{t1}: what the chunk after this one sends back to the last step of this one.
+    carry = gv(dlast.float()) if dlast is not None else torch.zeros_like(starts[:, :, :, 0])
+    dout = dout.float()
+    for c in reversed(range(starts.shape[3])):
+        s = c * T
+        e = min(s + T, length)
+        uc = u[:, :, s:e].float()
+        dt = _delta(delta[:, :, s:e], delta_bias, softplus)
+        a = torch.exp(gv(dt).unsqueeze(-1) * A32)
+        Bc, Cc = _bc_chunk(B, s, e), _bc_chunk(C, s, e)
+        dtu = gv(dt * uc).unsqueeze(-1)
+        h0 = starts[:, :, :, c]
+        _, hs = _doubling_scan(a, dtu * Bc, h0)
+        g = dout[:, :, s:e]
+        if z is not None:
+            zc = z[:, :, s:e].float()
+            sz = torch.sigmoid(zc)
+            pre = gv(torch.einsum("bgdtn,bgotn->bgdt", hs, Cc)).reshape(batch, dim, -1)
             if D32 is not None:
-                dD += (g * uc).sum((0, 2))
-            gg = gv(g).unsqueeze(-1)
-            # adjoint scan, run backwards: dh_t = C_t g_t + a_{t+1} dh_{t+1}
-            a_next = torch.cat([a[..., 1:, :], torch.ones_like(a[..., :1, :])], -2)
-            _, dh = _doubling_scan(a_next.flip(-2), (Cc * gg).flip(-2), carry)
-            dh = dh.flip(-2)
-            carry = a[..., 0, :] * dh[..., 0, :]
-            h_prev = torch.cat([h0.unsqueeze(-2), hs[..., :-1, :]], -2)
-            dlog_a = dh * h_prev * a  # gradient w.r.t. dt * A
-            dhB = (dh * Bc).sum(-1)  # (batch, G, Dg, T)
-            ddt = (dlog_a * A32).sum(-1) + dhB * gv(uc)
-            dA += (dlog_a * gv(dt).unsqueeze(-1)).sum((0, 3), keepdim=True)
-            du_c = dhB * gv(dt)
-            du[:, :, s:e] = du_c.reshape(batch, dim, -1) + (g * D32 if D32 is not None else 0)
-            dB[..., s:e] = torch.einsum("bgdtn,bgdt->bgnt", dh, gv(dt * uc))
-            dC[..., s:e] = torch.einsum("bgdtn,bgdt->bgnt", hs, gv(g))
-            ddt = ddt.reshape(batch, dim, -1)
-            if softplus:
-                raw = delta[:, :, s:e].float()
-                if delta_bias is not None:
-                    raw = raw + delta_bias.float()[:, None]
-                ddt = ddt * torch.sigmoid(raw)
-            ddelta[:, :, s:e] = ddt
-        ddelta_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
-        dA = dA.reshape(dim, dstate)
-        return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                dD.to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
-                ddelta_bias.to(delta_bias.dtype) if delta_bias is not None else None, None)
+                pre = pre + D32 * uc
+            dz[:, :, s:e] = g * pre * sz * (1 + zc * (1 - sz))
+            g = g * zc * sz
+        if D32 is not None:
+            dD += (g * uc).sum((0, 2))
+        gg = gv(g).unsqueeze(-1)
+        # adjoint scan, run backwards: dh_t = C_t g_t + a_{t+1} dh_{t+1}
+        a_next = torch.cat([a[..., 1:, :], torch.ones_like(a[..., :1, :])], -2)
+        _, dh = _doubling_scan(a_next.flip(-2), (Cc * gg).flip(-2), carry)
+        dh = dh.flip(-2)
+        carry = a[..., 0, :] * dh[..., 0, :]
+        h_prev = torch.cat([h0.unsqueeze(-2), hs[..., :-1, :]], -2)
+        dlog_a = dh * h_prev * a  # gradient w.r.t. dt * A
+        dhB = (dh * Bc).sum(-1)  # (batch, G, Dg, T)
+        ddt = (dlog_a * A32).sum(-1) + dhB * gv(uc)
+        dA += (dlog_a * gv(dt).unsqueeze(-1)).sum((0, 3), keepdim=True)
+        du_c = dhB * gv(dt)
+        du[:, :, s:e] = du_c.reshape(batch, dim, -1) + (g * D32 if D32 is not None else 0)
+        dB[..., s:e] = torch.einsum("bgdtn,bgdt->bgnt", dh, gv(dt * uc))
+        dC[..., s:e] = torch.einsum("bgdtn,bgdt->bgnt", hs, gv(g))
+        ddt = ddt.reshape(batch, dim, -1)
+        if softplus:
+            raw = delta[:, :, s:e].float()
+            if delta_bias is not None:
+                raw = raw + delta_bias.float()[:, None]
+            ddt = ddt * torch.sigmoid(raw)
+        ddelta[:, :, s:e] = ddt
+    ddelta_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
+    dA = dA.reshape(dim, dstate)
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
+            ddelta_bias.to(delta_bias.dtype) if delta_bias is not None else None)
 
 
 def selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """Checked, normalised inputs (B and C as (batch, G, N, L)); returns (y, last_state).
+    """Checked, normalised inputs (B and C as (batch, G, N, L)); returns (y, last_state), through the
+    ``medmamba::selective_scan_fwd`` operator.
 
-    Under ``torch.jit.trace`` the forward is recorded as plain tensor ops (a custom autograd Function
-    cannot be serialised), so traced networks export to TorchScript for inference.
+    Under ``torch.jit.trace`` the forward is recorded as plain tensor ops instead (TorchScript would need
+    medmamba's operators registered to load the model), so traced networks export for inference.
     """
     if torch.jit.is_tracing():
         return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[:2]
-    return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    from .ops import selective_scan_op
+
+    return selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, "torch")

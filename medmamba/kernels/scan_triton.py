@@ -380,12 +380,16 @@ def _sm_count(device):
     return None
 
 
+def tiling(dstate, length, tile=None):
+    """(NP, T, n_tiles): the state padded to a power of two, the tile length and the number of tiles."""
+    T = tile or min(64, max(16, triton.next_power_of_2(length)))
+    return triton.next_power_of_2(dstate), T, triton.cdiv(length, T)
+
+
 def _launch_config(batch, dim, dstate, length, groups, device, tile=None, parts=None):
     """Tile length T, channels per step BD, and how many programs share one group's channels."""
-    NP = triton.next_power_of_2(dstate)
-    T = tile or min(64, max(16, triton.next_power_of_2(length)))
+    NP, T, n_tiles = tiling(dstate, length, tile)
     BD = max(1, min(16, 4096 // (T * NP)))
-    n_tiles = triton.cdiv(length, T)
     dims_per_group = dim // groups
     sm_count = _sm_count(device)
     # the interpreter runs programs one by one: fewer, fuller programs are faster
@@ -395,8 +399,12 @@ def _launch_config(batch, dim, dstate, length, groups, device, tile=None, parts=
     parts = max(1, min(triton.cdiv(dims_per_group, BD), parts))
     dims_per_part = triton.cdiv(dims_per_group, parts)
     parts = triton.cdiv(dims_per_group, dims_per_part)
+    # The backward holds about ten (BD, T, NP) fp32 blocks at once: at 4096 elements a block, 4 warps need
+    # more than 255 registers a thread and spill (ptxas, sm_80/sm_90); 8 warps hold them without spilling
+    # (`medmamba check --compile`, docs/kernels.md).
+    bwd_warps = 8 if BD * T * NP >= 4096 else 4
     return dict(NP=NP, T=T, BD=BD, n_tiles=n_tiles, dims_per_group=dims_per_group,
-                dims_per_part=dims_per_part, parts_per_group=parts)
+                dims_per_part=dims_per_part, parts_per_group=parts, bwd_warps=bwd_warps)
 
 
 def _grid(cfg, groups, batch):
@@ -542,7 +550,7 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, sumH, dout, dlast, softp
     _launch(_bwd_kernel, grid, u, delta, A, B, C, Dp, zp, bp, dout, sumH, sumE, dlast if has_dlast else dummy,
                       du, ddelta, dz if dz is not None else dummy, dB, dC, dA_part,
                       dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-                      idx, *args, HAS_DLAST=has_dlast, ATOMIC_BC=atomic, **common)
+                      idx, *args, HAS_DLAST=has_dlast, ATOMIC_BC=atomic, num_warps=cfg["bwd_warps"], **common)
     if index is not None:  # per-route du -> sum over the routes sharing each channel block of u
         du = du.view(batch, u.shape[1] // (dim // groups), routes_per_u, dim // groups, length).sum(2)
         du = du.view(u.shape).to(u.dtype)
@@ -552,58 +560,18 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, sumH, dout, dlast, softp
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias
 
 
-class _SelectiveScanTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, tile, parts):
-        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
-        z = z.contiguous() if z is not None else None
-        A = A.contiguous()
-        y, sumH = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, tile, parts)
-        last = sumH[:, :, :A.shape[1], -1].contiguous()
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, sumH)
-        ctx.softplus, ctx.tile, ctx.parts = softplus, tile, parts
-        return y, last
-
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, sumH = ctx.saved_tensors
-        grads = _scan_backward(u, delta, A, B, C, D, z, delta_bias, sumH, dout, dlast, ctx.softplus, ctx.tile,
-                               ctx.parts)
-        return (*grads, None, None, None)
-
-
-class _RoutedScanTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, index, softplus, tile, parts):
-        u, delta, A, B, C, index = (t.contiguous() for t in (u, delta, A, B, C, index))
-        batch, length = u.shape[0], u.shape[2]
-        routes = B.shape[1]
-        routes_per_u = routes // (u.shape[1] // (delta.shape[1] // routes))
-        y, sumH = _scan_forward(u, delta, A, B, C, D, None, delta_bias, softplus, tile, parts, index, routes_per_u)
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, index, sumH)
-        ctx.softplus, ctx.tile, ctx.parts, ctx.routes_per_u = softplus, tile, parts, routes_per_u
-        # (batch, R, Dc, L) from here, so that the gradient of y.sum(1) (one tensor expanded over the routes)
-        # reaches backward as it is, not copied R times by a reshape
-        return y.view(batch, routes, delta.shape[1] // routes, length)
-
-    @staticmethod
-    def backward(ctx, dy):
-        u, delta, A, B, C, D, delta_bias, index, sumH = ctx.saved_tensors
-        shared = dy.shape[1] > 1 and dy.stride(1) == 0  # one (batch, Dc, L) tensor expanded over the routes
-        dout = dy[:, 0].contiguous() if shared else dy.reshape(delta.shape)
-        du, ddelta, dA, dB, dC, dD, _, dbias = _scan_backward(
-            u, delta, A, B, C, D, None, delta_bias, sumH, dout, None, ctx.softplus, ctx.tile, ctx.parts, index,
-            ctx.routes_per_u, dout_shared=shared)
-        return du, ddelta, dA, dB, dC, dD, dbias, None, None, None, None
-
-
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, tile=None, parts=None):
-    """Checked, normalised inputs (B and C as (batch, G, N, L)); returns (y, last_state).
+    """Checked, normalised inputs (B and C as (batch, G, N, L)); returns (y, last_state), through the
+    ``medmamba::selective_scan_fwd`` operator.
 
     ``tile`` overrides the tile length (a power of two) and ``parts`` the number of programs sharing a
     group's channels (> 1 reduces dB/dC with atomics); tests use them to reach every code path.
     """
-    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, tile, parts)
+    from .ops import selective_scan_op
+
+    u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+    z = z.contiguous() if z is not None else None
+    return selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, "triton", tile, parts)
 
 
 def routed_selective_scan_triton(u, delta, A, B, C, D, delta_bias, index, delta_softplus, tile=None, parts=None):
@@ -613,4 +581,7 @@ def routed_selective_scan_triton(u, delta, A, B, C, D, delta_bias, index, delta_
     and store through ``index``; a d(y) that is one tensor expanded over the routes (the gradient of
     ``y.sum(1)``) is read in place.
     """
-    return _RoutedScanTriton.apply(u, delta, A, B, C, D, delta_bias, index, delta_softplus, tile, parts)
+    from .ops import routed_scan_op
+
+    u, delta, A, B, C, index = (t.contiguous() for t in (u, delta, A, B, C, index))
+    return routed_scan_op(u, delta, A, B, C, D, delta_bias, index, delta_softplus, tile, parts)
