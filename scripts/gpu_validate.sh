@@ -55,6 +55,7 @@ if ! "$py" -c "import SimpleITK" >/dev/null 2>&1; then
   setup="$setup; SimpleITK stub"
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-export GPU_VALIDATE_SETUP="$setup ($(( $(date +%s) - t0 )) s)"
+export GPU_VALIDATE_SETUP_S=$(( $(date +%s) - t0 ))
+export GPU_VALIDATE_SETUP="$setup ($GPU_VALIDATE_SETUP_S s)"
 echo "gpu_validate.sh: $GPU_VALIDATE_SETUP"
 cd "$repo" && exec "$py" scripts/gpu_validate.py "$out" --nnunet-data "$carry/nnunet" "${args[@]}"
