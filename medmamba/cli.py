@@ -81,8 +81,8 @@ def cmd_check(args) -> int:
         ok, why = triton_available("cuda")
         rows += [("triton", "cuda", None) if ok else ("triton", "cuda", why)]
     else:
-        rows += [("triton", "cuda", "CUDA is not available")]
-    rows += [("triton", "cpu", "interpreter")]
+        # the interpreter is how the Triton kernels are tested without a GPU; with one they run natively
+        rows += [("triton", "cuda", "CUDA is not available"), ("triton", "cpu", "interpreter")]
     failed = False
     for backend, device, note in rows:
         label = f"{backend:7s} {device:5s}" + (" (TRITON_INTERPRET=1)" if note == "interpreter" else "")

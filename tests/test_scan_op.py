@@ -89,15 +89,15 @@ def test_mamba_block_inductor_fullgraph_matches_eager():
 @pytest.mark.parametrize("name", nets.available())
 def test_network_compiled_fullgraph_matches_eager(name):
     """Every registry network compiles as one graph (the scans are opaque operators) and computes what eager
-    does, outputs and gradients. Inductor for the U-Mamba family, aot_eager (the same graph capture and
-    AOT autograd, no code generation) for the rest, to keep the CPU suite short."""
+    does, outputs and gradients. aot_eager: the same graph capture (fullgraph) and AOT autograd as inductor,
+    without its code generation (minutes a network on 2 CPU cores; inductor is tested on the Mamba block)."""
     kwargs, shape = NETS[name]
     torch.manual_seed(0)
     net = nets.create(name, 1, 2, spatial_dims=3, **kwargs)
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
         net.eval()  # batch statistics of a 1-sample batch: compare the deterministic inference path
     x = torch.randn(1, 1, *shape, requires_grad=True)
-    _compare_compiled(net, x, backend="inductor" if name in ("umamba_bot",) else "aot_eager")
+    _compare_compiled(net, x, backend="aot_eager")
 
 
 def test_network_shapes_propagate_on_meta():
@@ -114,7 +114,9 @@ def test_network_torch_export():
     net = nets.create("umamba_bot", 1, 2, spatial_dims=3, **kwargs).eval()
     x = torch.randn(1, 1, *shape)
     ep = torch.export.export(net, (x,))
-    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    # (the Mamba layer runs in an autocast region: a higher-order op with its own subgraph)
+    targets = {str(n.target) for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+               for n in m.graph.nodes if n.op == "call_function"}
     assert "medmamba.selective_scan_fwd.default" in targets
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), net(x), rtol=1e-5, atol=1e-5)

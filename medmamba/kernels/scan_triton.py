@@ -399,10 +399,10 @@ def _launch_config(batch, dim, dstate, length, groups, device, tile=None, parts=
     parts = max(1, min(triton.cdiv(dims_per_group, BD), parts))
     dims_per_part = triton.cdiv(dims_per_group, parts)
     parts = triton.cdiv(dims_per_group, dims_per_part)
-    # The backward holds about ten (BD, T, NP) fp32 blocks at once: at 4096 elements a block, 4 warps need
-    # more than 255 registers a thread and spill (ptxas, sm_80/sm_90); 8 warps hold them without spilling
-    # (`medmamba check --compile`, docs/kernels.md).
-    bwd_warps = 8 if BD * T * NP >= 4096 else 4
+    # The backward holds about ten (BD, T, NP) fp32 blocks at once: from 1024 elements a block, 4 warps
+    # spill (ptxas, sm_80/sm_90: 100-600 bytes at 4096); 8 warps hold them (`medmamba check --compile`,
+    # docs/kernels.md).
+    bwd_warps = 8 if BD * T * NP >= 1024 else 4
     return dict(NP=NP, T=T, BD=BD, n_tiles=n_tiles, dims_per_group=dims_per_group,
                 dims_per_part=dims_per_part, parts_per_group=parts, bwd_warps=bwd_warps)
 
