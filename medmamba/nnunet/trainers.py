@@ -28,7 +28,8 @@ Common behaviour (:class:`nnUNetTrainerMedMamba`):
 * ``build_network_architecture`` (nnU-Net's 5-argument staticmethod, also used by ``nnUNetv2_predict``)
   builds our class from the configuration;
 * deep-supervision targets are cut to the network's own outputs (checked at initialisation);
-* torch.compile is off on CUDA unless ``nnUNet_compile=t`` is set explicitly (custom Triton kernels);
+* torch.compile follows nnU-Net (on for CUDA unless ``nnUNet_compile=f``): the selective scans are opaque
+  PyTorch operators (``medmamba.kernels.ops``), so every network compiles as one graph;
 * TensorBoard logs under ``<fold folder>/tensorboard`` (:mod:`medmamba.nnunet.tensorboard`);
 * ``-pretrained_weights`` accepts nnU-Net and MambaMIM checkpoints (:mod:`medmamba.nnunet.pretrained`);
 * ``-num_gpus N`` (nnU-Net's DDP): nnU-Net converts BatchNorm to SyncBatchNorm and wraps DDP itself;
@@ -129,10 +130,6 @@ class CosineLRScheduler(_LRScheduler):
         return self._last_lr
 
 
-def _compile_forced() -> bool:
-    return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
-
-
 class nnUNetTrainerMedMamba(nnUNetTrainer):
     """Base of our trainers; subclasses set ``arch`` and the schedule class attributes below."""
 
@@ -220,15 +217,6 @@ class nnUNetTrainerMedMamba(nnUNetTrainer):
     def set_deep_supervision_enabled(self, enabled: bool):
         # nnU-Net switches DS back on after the final validation; networks trained without it stay off
         super().set_deep_supervision_enabled(bool(enabled) and self.enable_deep_supervision)
-
-    def _do_i_compile(self):
-        if self.device.type == "cuda" and not _compile_forced():
-            if not getattr(self, "_compile_logged", False):
-                self._compile_logged = True
-                self.print_to_log_file("medmamba: torch.compile is off for this trainer (custom Triton selective-scan "
-                                       "kernels); set nnUNet_compile=t to force it")
-            return False
-        return super()._do_i_compile()
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
