@@ -43,7 +43,6 @@ disabled AMP; we keep nnU-Net's AMP for it too, see docs/nnunet.md).
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
