@@ -171,11 +171,13 @@ def _ptxas_info(ptx: str, arch: str) -> dict:
                                os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[-400:]}")
-    out = {}
-    for key, rx in _PTXAS_RE.items():
-        m = rx.search(proc.stderr)
-        out[key] = int(m.group(1)) if m else 0
-    return out
+    return _parse_ptxas(proc.stderr)
+
+
+def _parse_ptxas(text: str) -> dict | None:
+    if not _PTXAS_RE["registers"].search(text):
+        return None
+    return {key: int(m.group(1)) if (m := rx.search(text)) else 0 for key, rx in _PTXAS_RE.items()}
 
 
 def resident_warps(registers: int, num_warps: int, shared_bytes: int, target: str) -> int:
@@ -204,9 +206,13 @@ def compile_variant(v: Variant, target: str, backend) -> dict:
     start = time.perf_counter()
     try:
         src = ASTSource(kernel, dict(v.signature), dict(v.constexprs), attrs)
-        with contextlib.redirect_stdout(io.StringIO()):
+        log = io.StringIO()
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its own `ptxas -v` log when it compiles
+        with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=backend.target, options={"num_warps": v.num_warps})
-        info = _ptxas_info(compiled.asm["ptx"], f"sm_{cc}{'a' if cc >= 90 else ''}")
+        info = _parse_ptxas(log.getvalue())
+        if info is None:  # taken from Triton's cache (or a Triton without the knob): run ptxas -v once more
+            info = _ptxas_info(compiled.asm["ptx"], f"sm_{cc}{'a' if cc >= 90 else ''}")
         shared = int(getattr(compiled.metadata, "shared", 0))
         row.update(ok=True, **info, shared_bytes=shared,
                    warps_per_sm=resident_warps(info["registers"], v.num_warps, shared, target))
