@@ -119,7 +119,7 @@ def bench_one(impl, shape, dtype, device, repeats):
 
 def bench_route_layer(size, fused, device, repeats, batch):
     """SS3D layer (6 routes) at size^3, fused or unfused routes: times, peak memory, output."""
-    from medmamba.cross_scan import CrossScan
+    from medmamba.layers.cross_scan import CrossScan
     from medmamba.kernels import resolve_backend
 
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ import traceback
 
 import numpy as np
 
-from medmamba import imageio
+from medmamba.clinic import imageio
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

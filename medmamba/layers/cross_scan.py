@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medmamba.kernels import resolve_backend, routed_selective_scan, selective_scan
-from medmamba.mamba import fp32_region
-from medmamba.scan_routes import CROSS_SCAN_ROUTES, ScanRoutes
+from medmamba.layers.mamba import fp32_region
+from medmamba.layers.scan_routes import CROSS_SCAN_ROUTES, ScanRoutes
 
 __all__ = ["CrossScan", "init_route_params", "multi_route_scan", "fused_multi_route_scan", "use_fused_routes"]
 

@@ -52,9 +52,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medmamba.cross_scan import fused_multi_route_scan, init_route_params, multi_route_scan, use_fused_routes
-from medmamba.mamba import fp32_region
-from medmamba.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
+from medmamba.layers.cross_scan import fused_multi_route_scan, init_route_params, multi_route_scan, use_fused_routes
+from medmamba.layers.mamba import fp32_region
+from medmamba.layers.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
 
 __all__ = ["MultiHeadScan", "MHSMixer", "scan_route_attention", "DEFAULT_FAMILIES"]
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
-from medmamba.nets.blocks import DepthwiseSeparableConv, RVMLayer
+from medmamba.layers.cnn_mamba import DepthwiseSeparableConv, RVMLayer
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 
 __all__ = ["LightMUNet", "ResMambaBlock", "ResUpBlock"]

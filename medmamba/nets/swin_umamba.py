@@ -47,7 +47,7 @@ import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
-from medmamba.nets.vss import (FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSLayer,
+from medmamba.layers.vss import (FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSLayer,
                                to_channels_first, to_channels_last)
 
 __all__ = ["SwinUMamba", "SwinUMambaD", "VSSEncoder"]

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
-from medmamba.multi_head_scan import MHSMixer
+from medmamba.layers.multi_head_scan import MHSMixer
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
-from medmamba.nets.vss import FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSBlock
+from medmamba.layers.vss import FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSBlock
 
 __all__ = ["VMUNetMHS", "validate_plans_topology", "native_scales", "trunc_normal_linear_init"]
 

@@ -52,7 +52,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch.optim.lr_scheduler import _LRScheduler
 
-from medmamba.distributed import rewrap_ddp
+from medmamba.runtime.distributed import rewrap_ddp
 from medmamba.nnunet import pretrained as _pretrained
 from medmamba.nnunet.presets import adapt_configuration, apply_preset, load_preset
 from medmamba.nnunet.tensorboard import attach_tensorboard
