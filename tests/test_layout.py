@@ -145,7 +145,7 @@ def test_old_paths_in_a_fresh_interpreter():
     code = ("import medmamba.cross_scan as a; from medmamba.nets.vss import VSSBlock; import medmamba.bundle as b; "
             "import medmamba.layers.cross_scan as c, medmamba.layers.vss as v, medmamba.monai as m; "
             "assert a is c and VSSBlock is v.VSSBlock and b is m and c.__spec__.name == 'medmamba.layers.cross_scan'; "
-            "import medmamba; assert medmamba.distributed is __import__('medmamba.runtime.distributed').runtime.distributed")
+            "import medmamba, medmamba.runtime.distributed as d; assert medmamba.distributed is d")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
@@ -314,3 +314,22 @@ def test_pyproject_lists_every_package():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in PKG.rglob("__init__.py")}
     assert found | {"medmamba.plans"} == listed
+
+
+def _doc_files():
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_docs_name_existing_paths_and_modules():
+    bad = []
+    for doc in _doc_files():
+        text = doc.read_text()
+        for rel in set(re.findall(r"`(medmamba/[\w/.]*\w)/?`", text)):
+            if not (ROOT / rel).exists():
+                bad.append(f"{doc.name}: {rel} does not exist")
+        if doc.name == "architecture.md":
+            continue  # its table names the old paths on purpose
+        for name in set(re.findall(r"\bmedmamba(?:\.[A-Za-z_]\w*)+", text)):
+            if name in medmamba._MOVED or any(name.startswith(old + ".") for old in medmamba._MOVED):
+                bad.append(f"{doc.name}: {name} uses an old module path")
+    assert not bad, "\n".join(sorted(bad))

@@ -33,7 +33,7 @@ API (stable):
   the remaining plans keywords (channels, kernels, blocks, dropout, nonlinearity) do not apply to this
   topology and are accepted and ignored.
 
-Channels-last is used inside the VSS encoder/decoder (see ``medmamba.nets.vss``); everything a
+Channels-last is used inside the VSS encoder/decoder (see ``medmamba.layers.vss``); everything a
 caller sees is channels-first.
 """
 from __future__ import annotations

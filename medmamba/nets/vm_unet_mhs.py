@@ -1,7 +1,7 @@
 """VM-UNet with MHS-VM's Multi-Head Scan mixer (2D as published, and 3D).
 
 ``VMUNetMHS`` is VM-UNet (Ruan & Xiang, 2024) whose VSS blocks use MHS-VM's gated Multi-Head Scan mixer
-(``medmamba.multi_head_scan.MHSMixer``) instead of SS2D, as in MHS-VM (Ji, 2024). Also defined here,
+(``medmamba.layers.multi_head_scan.MHSMixer``) instead of SS2D, as in MHS-VM (Ji, 2024). Also defined here,
 and shared with ``medmamba.nets.msvm_unet``: ``validate_plans_topology`` (nnU-Net plans arguments
 checked against a fixed-topology network), ``native_scales`` and ``trunc_normal_linear_init``.
 """

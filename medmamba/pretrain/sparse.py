@@ -206,7 +206,7 @@ def masked_mamba_layer(layer: nn.Module, x: torch.Tensor, store: MaskStore) -> t
 
 
 def masked_cross_scan(mixer: nn.Module, x: torch.Tensor, store: MaskStore) -> torch.Tensor:
-    """``medmamba.cross_scan.CrossScan`` on the visible tokens only; channels-last in and out.
+    """``medmamba.layers.cross_scan.CrossScan`` on the visible tokens only; channels-last in and out.
 
     Same computation and parameters as ``CrossScan.forward``, except that (1) the depthwise conv is
     sparse (masked input zeroed, output re-zeroed) and (2) along every route only the visible tokens
@@ -249,7 +249,7 @@ def masked_cross_scan(mixer: nn.Module, x: torch.Tensor, store: MaskStore) -> to
 
 
 def masked_vss_block(block: nn.Module, x: torch.Tensor, store: MaskStore) -> torch.Tensor:
-    """A ``medmamba.nets.vss.VSSBlock`` on the visible tokens: x + DropPath(mixer(LN x)) [+ FFN], channels-last.
+    """A ``medmamba.layers.vss.VSSBlock`` on the visible tokens: x + DropPath(mixer(LN x)) [+ FFN], channels-last.
 
     The LayerNorms and the FFN are per token; the mixer must be a ``CrossScan`` (others: NotImplementedError).
     """
