@@ -10,7 +10,7 @@ kernel issue, fp32 and bf16, and writes JSON + Markdown naming the device, versi
 
 mamba_ssm is timed when ``import mamba_ssm`` works (it needs its compiled extension).
 
-``--routes`` adds a second table: the SS3D layer (``medmamba.cross_scan.CrossScan``, spatial_dims=3, 6
+``--routes`` adds a second table: the SS3D layer (``medmamba.layers.cross_scan.CrossScan``, spatial_dims=3, 6
 routes, d_model 48 -> d_inner 96, N 16, fp32) with ``fused_routes=True`` (routed scan, no gathered copies)
 and ``False`` (gather / scan / merge), forward and forward+backward (gradients of the input and every
 parameter) and peak memory, at 32^3 / 64^3 / 128^3 on a GPU (``--route-sizes``), tiny volumes on CPU. It
@@ -119,7 +119,7 @@ def bench_one(impl, shape, dtype, device, repeats):
 
 def bench_route_layer(size, fused, device, repeats, batch):
     """SS3D layer (6 routes) at size^3, fused or unfused routes: times, peak memory, output."""
-    from medmamba.cross_scan import CrossScan
+    from medmamba.layers.cross_scan import CrossScan
     from medmamba.kernels import resolve_backend
 
     torch.manual_seed(0)
@@ -177,7 +177,7 @@ def bench_routes(sizes, device, repeats, batch):
 
 def routes_markdown(meta, rows):
     lines = [f"### Routed scan: SS3D layer fused vs unfused, {meta['device']} ({meta['date']})", "",
-             f"`{meta['command']}`; `medmamba.cross_scan.CrossScan(spatial_dims=3)`: 6 routes, d_model "
+             f"`{meta['command']}`; `medmamba.layers.cross_scan.CrossScan(spatial_dims=3)`: 6 routes, d_model "
              f"{ROUTE_D_MODEL}, d_inner {2 * ROUTE_D_MODEL}, N 16, fp32; fused = `fused_routes=True` (routed scan, "
              "no gathered copies), unfused = gather / scan / merge; fwd+bwd computes the gradients of the input "
              "and every parameter; peak = allocated above the inputs and parameters; median of repeats.", "",

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import medmamba.kernels.routed_scan as routed_scan  # noqa: E402
 import medmamba.kernels.scan_triton as scan_triton  # noqa: E402
-from medmamba.cross_scan import CrossScan  # noqa: E402
+from medmamba.layers.cross_scan import CrossScan  # noqa: E402
 
 FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "alias",
         "_unsafe_view",

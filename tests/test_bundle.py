@@ -1,4 +1,4 @@
-"""MONAI bundles (medmamba.bundle): creation, MONAI's own CLI on a real CT, bad inputs, nnU-Net checkpoints.
+"""MONAI bundles (medmamba.monai): creation, MONAI's own CLI on a real CT, bad inputs, nnU-Net checkpoints.
 
 Real data is read in place from ``$MEDMAMBA_DATA`` (default ``<repo>/../shared/data``); inputs are symlinked
 into temporary folders. The slow parts run MONAI's CLI (``python -m monai.bundle ...``) in subprocesses.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmamba import bundle as mb
+from medmamba import monai as mb
 
 DATA = Path(os.environ.get("MEDMAMBA_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 STS = DATA / "ibsi_sts"
@@ -69,7 +69,7 @@ def test_layout_and_metadata(tiny_bundle):
     assert cfg["inferer"]["mode"] == "gaussian" and cfg["overlap"] == 0.5
     assert cfg["inferer"]["sw_device"] == "@device" and cfg["inferer"]["device"] == "@data_device"
     names = [t["_target_"] for t in cfg["preprocessing"]["transforms"]]
-    assert names[:5] == ["medmamba.bundle.CheckImaged", "LoadImaged", "EnsureChannelFirstd", "Orientationd",
+    assert names[:5] == ["medmamba.monai.checks.CheckImaged", "LoadImaged", "EnsureChannelFirstd", "Orientationd",
                          "Spacingd"]
     # the weights load into the configured network
     from monai.bundle import ConfigParser
@@ -153,7 +153,7 @@ def test_plain_state_dict(tmp_path):
 
 
 def test_import_has_no_heavy_side_effects():
-    code = "import sys, medmamba.bundle; print('monai' in sys.modules, 'nnunetv2' in sys.modules)"
+    code = "import sys, medmamba.monai.cli; print('monai' in sys.modules, 'nnunetv2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

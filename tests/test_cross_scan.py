@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import medmamba.cross_scan as cross_scan_mod
-from medmamba.cross_scan import CrossScan, init_route_params, multi_route_scan
+import medmamba.layers.cross_scan as cross_scan_mod
+from medmamba.layers.cross_scan import CrossScan, init_route_params, multi_route_scan
 from medmamba.kernels import selective_scan
-from medmamba.scan_routes import CROSS_SCAN_ROUTES, inverse_permutation, route_permutation
+from medmamba.layers.scan_routes import CROSS_SCAN_ROUTES, inverse_permutation, route_permutation
 
 
 def slow_forward(m: CrossScan, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ def test_state_dict_has_no_route_tables():
 
 
 def test_fused_routes_environment_switch(monkeypatch):
-    from medmamba.cross_scan import use_fused_routes
+    from medmamba.layers.cross_scan import use_fused_routes
     monkeypatch.delenv("MEDMAMBA_FUSED_ROUTES", raising=False)
     assert use_fused_routes(None, "cpu", None) is False  # the PyTorch backend on CPU
     assert use_fused_routes(None, "cpu", "triton") is True

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import medmamba.nets
-from medmamba.distributed import SyncBatchNorm, convert_sync_batchnorm, rewrap_ddp, synced_moments
+from medmamba.runtime.distributed import SyncBatchNorm, convert_sync_batchnorm, rewrap_ddp, synced_moments
 
 DATA = os.environ.get("MEDMAMBA_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 STS_DIR = os.path.join(DATA, "ibsi_sts")

@@ -112,4 +112,4 @@ def test_wheel_holds_every_package(tmp_path):
                 if "__init__.py" in files and "__pycache__" not in d}
     missing = sorted(p for p in expected if p not in names)
     assert not missing, f"packages missing from the wheel (add them to [tool.setuptools] packages): {missing}"
-    assert {"medmamba/evaluate.py", "medmamba/predict.py", "medmamba/imageio.py"} <= names
+    assert {"medmamba/clinic/evaluate.py", "medmamba/clinic/predict.py", "medmamba/clinic/imageio.py"} <= names

@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from medmamba import imageio
+from medmamba.clinic import imageio
 from medmamba.cli import main
-from medmamba.evaluate import label_metrics
+from medmamba.clinic.evaluate import label_metrics
 
 from conftest import DATA_DIR
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import medmamba.cross_scan as cross_scan_mod
+import medmamba.layers.cross_scan as cross_scan_mod
 from medmamba.kernels import selective_scan
-from medmamba.multi_head_scan import MHSMixer, MultiHeadScan, scan_route_attention
-from medmamba.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
+from medmamba.layers.multi_head_scan import MHSMixer, MultiHeadScan, scan_route_attention
+from medmamba.layers.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

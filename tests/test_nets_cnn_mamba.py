@@ -8,7 +8,7 @@ import torch
 
 import medmamba.nets
 from medmamba import Mamba
-from medmamba.nets.blocks import MambaLayer, RVMLayer
+from medmamba.layers.cnn_mamba import MambaLayer, RVMLayer
 from medmamba.nets.lightm_unet import LightMUNet
 from medmamba.nets.umamba import UMambaBot, UMambaEnc
 

@@ -8,9 +8,9 @@ from dynamic_network_architectures.architectures.abstract_arch import test_submo
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 import medmamba.nets
-from medmamba.cross_scan import CrossScan
+from medmamba.layers.cross_scan import CrossScan
 from medmamba.nets.msvm_unet import FLKPE, LKPE, MSFFN, MSVMUNet, pixel_shuffle_nd
-from medmamba.nets.vss import Mlp
+from medmamba.layers.vss import Mlp
 
 TINY = {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1), "decoder_depths": (1, 1, 1)}
 SMALL3 = {"dims": (8, 16, 32), "depths": (1, 1, 1), "decoder_depths": (1, 1)}  # total stride 16

@@ -7,9 +7,9 @@ from dynamic_network_architectures.architectures.abstract_arch import test_submo
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 import medmamba.nets
-from medmamba.multi_head_scan import MHSMixer
+from medmamba.layers.multi_head_scan import MHSMixer
 from medmamba.nets.vm_unet_mhs import VMUNetMHS, validate_plans_topology
-from medmamba.nets.vss import FinalPatchExpand, PatchExpand, PatchMerging, VSSBlock
+from medmamba.layers.vss import FinalPatchExpand, PatchExpand, PatchMerging, VSSBlock
 
 TINY = {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1), "decoder_depths": (1, 1, 1, 1), "d_state": 4}
 SMALL3 = {"dims": (8, 16, 32), "depths": (1, 1, 1), "decoder_depths": (1, 1, 1), "d_state": 2}  # total stride 16

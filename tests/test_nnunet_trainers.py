@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import medmamba.cross_scan as cross_scan
-import medmamba.mamba as mamba
+import medmamba.layers.cross_scan as cross_scan
+import medmamba.layers.mamba as mamba
 from medmamba import nets
 from medmamba.nnunet import trainers as T
 from medmamba.nnunet.tensorboard import TensorBoardLogger

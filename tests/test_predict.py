@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from medmamba import imageio
+from medmamba.clinic import imageio
 from medmamba.cli import main
 
 from conftest import DATA_DIR

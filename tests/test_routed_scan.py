@@ -8,12 +8,12 @@ R = 2/4/6, N = 1/3/16, shared u blocks, atomic dB/dC, bf16) in a few seconds eac
 import pytest
 import torch
 
-import medmamba.cross_scan as cross_scan_mod
-from medmamba.cross_scan import CrossScan, use_fused_routes
+import medmamba.layers.cross_scan as cross_scan_mod
+from medmamba.layers.cross_scan import CrossScan, use_fused_routes
 from medmamba.kernels import ScanInputError, routed_selective_scan, selective_scan_ref
 from medmamba.kernels.routed_scan import inverse_route_index, routed_selective_scan_composed
-from medmamba.multi_head_scan import MultiHeadScan
-from medmamba.scan_routes import CROSS_SCAN_ROUTES, ScanRoutes
+from medmamba.layers.multi_head_scan import MultiHeadScan
+from medmamba.layers.scan_routes import CROSS_SCAN_ROUTES, ScanRoutes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

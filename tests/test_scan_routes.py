@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medmamba.scan_routes import (CROSS_SCAN_ROUTES, MHS_FAMILIES, ScanRoutes, available_routes,
+from medmamba.layers.scan_routes import (CROSS_SCAN_ROUTES, MHS_FAMILIES, ScanRoutes, available_routes,
                                   inverse_permutation, route_coords, route_permutation)
 
 SHAPES = [(5, 7), (1, 6), (4, 1), (8, 8), (3, 5, 7), (1, 4, 6), (4, 1, 3), (2, 3, 1), (4, 4, 4)]

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from medmamba.cross_scan import CrossScan
-from medmamba.nets.vss import (FinalPatchExpand, Mlp, PatchEmbed, PatchExpand, PatchMerging, VSSBlock, VSSLayer,
+from medmamba.layers.cross_scan import CrossScan
+from medmamba.layers.vss import (FinalPatchExpand, Mlp, PatchEmbed, PatchExpand, PatchMerging, VSSBlock, VSSLayer,
                                _pixel_shuffle_last, _space_to_depth_last, to_channels_first, to_channels_last)
 
 

@@ -6,7 +6,7 @@ Structure, as released (2D and 3D; ``init_filters`` = 32 in the authors' nnU-Net
 * encoder level 0: 1 ResMamba block at 32 channels; levels 1..3: an RVM layer C -> 2C at the current
   resolution, 2x max-pool, then 2, 2 and 4 ResMamba blocks (64, 128, 256 channels); 3 downsamplings;
 * ResMamba block(C) = GN(8)-ReLU-RVM-GN(8)-ReLU-RVM + identity; RVM = LN, Mamba(16, 4, 2) + s * x, the
-  same LN, Linear (see ``medmamba.nets.blocks.RVMLayer``);
+  same LN, Linear (see ``medmamba.layers.cnn_mamba.RVMLayer``);
 * decoder x3: 1x1 conv C -> C/2 (no bias), x2 (bi/tri)linear upsampling, ADD the skip, then
   GN-ReLU-(depthwise 3^d + pointwise) + s * identity, GN-ReLU;
 * head: GN-ReLU-(depthwise 1x1 + pointwise 1x1, both with bias) -> classes, as in the released code (the
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
-from medmamba.nets.blocks import DepthwiseSeparableConv, RVMLayer
+from medmamba.layers.cnn_mamba import DepthwiseSeparableConv, RVMLayer
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 
 __all__ = ["LightMUNet", "ResMambaBlock", "ResUpBlock"]

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
-from medmamba.cross_scan import CrossScan
+from medmamba.layers.cross_scan import CrossScan
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 from medmamba.nets.vm_unet_mhs import (_check_sequence, native_scales, trunc_normal_linear_init,
                                        validate_plans_topology)
-from medmamba.nets.vss import Mlp, VSSBlock
+from medmamba.layers.vss import Mlp, VSSBlock
 
 __all__ = ["MSVMUNet", "LKPE", "FLKPE", "MSFFN", "pixel_shuffle_nd"]
 

@@ -33,7 +33,7 @@ API (stable):
   the remaining plans keywords (channels, kernels, blocks, dropout, nonlinearity) do not apply to this
   topology and are accepted and ignored.
 
-Channels-last is used inside the VSS encoder/decoder (see ``medmamba.nets.vss``); everything a
+Channels-last is used inside the VSS encoder/decoder (see ``medmamba.layers.vss``); everything a
 caller sees is channels-first.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
-from medmamba.nets.vss import (FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSLayer,
+from medmamba.layers.vss import (FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSLayer,
                                to_channels_first, to_channels_last)
 
 __all__ = ["SwinUMamba", "SwinUMambaD", "VSSEncoder"]

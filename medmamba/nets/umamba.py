@@ -33,7 +33,7 @@ from dynamic_network_architectures.architectures.abstract_arch import AbstractDy
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
-from medmamba.nets.blocks import MambaLayer, NearestUpsampleConv, ResidualBlock
+from medmamba.layers.cnn_mamba import MambaLayer, NearestUpsampleConv, ResidualBlock
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 
 __all__ = ["UMambaBot", "UMambaEnc", "UMambaEncoder", "UMambaDecoder"]

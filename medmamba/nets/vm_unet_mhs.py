@@ -1,7 +1,7 @@
 """VM-UNet with MHS-VM's Multi-Head Scan mixer (2D as published, and 3D).
 
 ``VMUNetMHS`` is VM-UNet (Ruan & Xiang, 2024) whose VSS blocks use MHS-VM's gated Multi-Head Scan mixer
-(``medmamba.multi_head_scan.MHSMixer``) instead of SS2D, as in MHS-VM (Ji, 2024). Also defined here,
+(``medmamba.layers.multi_head_scan.MHSMixer``) instead of SS2D, as in MHS-VM (Ji, 2024). Also defined here,
 and shared with ``medmamba.nets.msvm_unet``: ``validate_plans_topology`` (nnU-Net plans arguments
 checked against a fixed-topology network), ``native_scales`` and ``trunc_normal_linear_init``.
 """
@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
-from medmamba.multi_head_scan import MHSMixer
+from medmamba.layers.multi_head_scan import MHSMixer
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
-from medmamba.nets.vss import FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSBlock
+from medmamba.layers.vss import FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSBlock
 
 __all__ = ["VMUNetMHS", "validate_plans_topology", "native_scales", "trunc_normal_linear_init"]
 

@@ -33,11 +33,11 @@ Common behaviour (:class:`nnUNetTrainerMedMamba`):
 * TensorBoard logs under ``<fold folder>/tensorboard`` (:mod:`medmamba.nnunet.tensorboard`);
 * ``-pretrained_weights`` accepts nnU-Net and MambaMIM checkpoints (:mod:`medmamba.nnunet.pretrained`);
 * ``-num_gpus N`` (nnU-Net's DDP): nnU-Net converts BatchNorm to SyncBatchNorm and wraps DDP itself;
-  freezing/unfreezing the encoder rebuilds the DDP wrapper (:func:`medmamba.distributed.rewrap_ddp`),
+  freezing/unfreezing the encoder rebuilds the DDP wrapper (:func:`medmamba.runtime.distributed.rewrap_ddp`),
   since DDP only reduces the parameters that required grad when it was built.
 
 Mixed precision: nnU-Net autocasts on CUDA; every Mamba scan in our networks runs in float32 with
-autocast disabled (``medmamba.mamba.fp32_region``), so AMP is safe (LightM-UNet's released trainer
+autocast disabled (``medmamba.layers.mamba.fp32_region``), so AMP is safe (LightM-UNet's released trainer
 disabled AMP; we keep nnU-Net's AMP for it too, see docs/nnunet.md).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch.optim.lr_scheduler import _LRScheduler
 
-from medmamba.distributed import rewrap_ddp
+from medmamba.runtime.distributed import rewrap_ddp
 from medmamba.nnunet import pretrained as _pretrained
 from medmamba.nnunet.presets import adapt_configuration, apply_preset, load_preset
 from medmamba.nnunet.tensorboard import attach_tensorboard

@@ -119,7 +119,7 @@ class UMambaMaskedEncoder(MaskedEncoder):
                         f"network for your patch (network keyword patch_size={list(patch)}).")
 
     def _forward(self, x):
-        from medmamba.nets.blocks import MambaLayer
+        from medmamba.layers.cnn_mamba import MambaLayer
 
         x = self.encoder.stem(x)
         skips = []
@@ -166,7 +166,7 @@ class SwinUMambaMaskedEncoder(MaskedEncoder):
         return list(self._channels)
 
     def _forward(self, x):
-        from medmamba.nets.vss import to_channels_first
+        from medmamba.layers.vss import to_channels_first
 
         enc = self.encoder
         feats = []

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medmamba.distributed import sync_active, synced_moments
-from medmamba.mamba import fp32_region
+from medmamba.runtime.distributed import sync_active, synced_moments
+from medmamba.layers.mamba import fp32_region
 
 __all__ = ["MaskStore", "MaskedNorm", "sparsify_cnn", "masked_mamba_layer", "masked_cross_scan",
            "masked_vss_block", "apply_channels_last_mask"]
@@ -206,13 +206,13 @@ def masked_mamba_layer(layer: nn.Module, x: torch.Tensor, store: MaskStore) -> t
 
 
 def masked_cross_scan(mixer: nn.Module, x: torch.Tensor, store: MaskStore) -> torch.Tensor:
-    """``medmamba.cross_scan.CrossScan`` on the visible tokens only; channels-last in and out.
+    """``medmamba.layers.cross_scan.CrossScan`` on the visible tokens only; channels-last in and out.
 
     Same computation and parameters as ``CrossScan.forward``, except that (1) the depthwise conv is
     sparse (masked input zeroed, output re-zeroed) and (2) along every route only the visible tokens
     are scanned, in that route's order, so masked tokens neither feed nor interrupt the recurrence.
     """
-    from medmamba.cross_scan import multi_route_scan
+    from medmamba.layers.cross_scan import multi_route_scan
 
     if store.pyramid is None:
         return mixer(x)
@@ -249,11 +249,11 @@ def masked_cross_scan(mixer: nn.Module, x: torch.Tensor, store: MaskStore) -> to
 
 
 def masked_vss_block(block: nn.Module, x: torch.Tensor, store: MaskStore) -> torch.Tensor:
-    """A ``medmamba.nets.vss.VSSBlock`` on the visible tokens: x + DropPath(mixer(LN x)) [+ FFN], channels-last.
+    """A ``medmamba.layers.vss.VSSBlock`` on the visible tokens: x + DropPath(mixer(LN x)) [+ FFN], channels-last.
 
     The LayerNorms and the FFN are per token; the mixer must be a ``CrossScan`` (others: NotImplementedError).
     """
-    from medmamba.cross_scan import CrossScan
+    from medmamba.layers.cross_scan import CrossScan
 
     if store.pyramid is None:
         return block(x)

@@ -86,7 +86,7 @@ class TOKI(nn.Module):
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Runs in float32 with autocast off; returns float32."""
-        from medmamba.mamba import fp32_region
+        from medmamba.layers.mamba import fp32_region
 
         spatial = x.shape[2:]
         with fp32_region(x):

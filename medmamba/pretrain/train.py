@@ -289,7 +289,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     (checkpoints, TensorBoard) and shares what it read; gradients are averaged by
     DistributedDataParallel and each process streams its slice of every global batch (see CTCropStream).
     """
-    from medmamba.distributed import init_distributed
+    from medmamba.runtime.distributed import init_distributed
 
     ctx = init_distributed(cfg.device)
     try:
@@ -303,7 +303,7 @@ def _run(cfg: PretrainConfig, ctx) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    from medmamba.distributed import convert_sync_batchnorm
+    from medmamba.runtime.distributed import convert_sync_batchnorm
 
     main = ctx.is_main
     cfg = dataclasses.replace(cfg)

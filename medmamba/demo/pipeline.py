@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 
 
 def synthetic_cases(folder: Path, n: int) -> list[tuple[str, str, str]]:
-    from medmamba.phantom import make_phantom, write_nifti
+    from medmamba.demo.phantom import make_phantom, write_nifti
 
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
@@ -52,7 +52,7 @@ def synthetic_cases(folder: Path, n: int) -> list[tuple[str, str, str]]:
 
 def run_demo(out: str, data: str | None = None, device: str = "cpu", trainer: str = DEFAULT_TRAINER,
              n_cases: int = 6, n_test: int = 1, overwrite: bool = False) -> dict:
-    from medmamba.evaluate import evaluate
+    from medmamba.clinic.evaluate import evaluate
     from medmamba.nnunet import dataset as nn
 
     out_dir = Path(out).resolve()

@@ -16,11 +16,11 @@ Multi-Head Scan, as in MHS-VM (Ji, 2024):
 
 1. ``in_proj``: Linear without bias, ``C -> h * (C // h)``; the result is split into ``h`` heads of
    ``d_head = C // h`` channels (a subspace per head).
-2. Head ``k`` scans its route family ``(a, b)`` from ``medmamba.scan_routes.MHS_FAMILIES``
+2. Head ``k`` scans its route family ``(a, b)`` from ``medmamba.layers.scan_routes.MHS_FAMILIES``
    (``families`` lists the family names, default ``["snake", "diagonal", "spiral", "raster"][:h]``):
    4 sequences ``a, reverse(a), b, reverse(b)``, each with its own x_proj / dt_proj / A / D (d_inner =
    d_head, ``d_state`` 16). ALL heads and routes go through ONE batched selective-scan call
-   (``medmamba.cross_scan.multi_route_scan``: ``4 h * d_head`` channels, grouped B/C with one group per
+   (``medmamba.layers.cross_scan.multi_route_scan``: ``4 h * d_head`` channels, grouped B/C with one group per
    (head, route)), in float32 with autocast disabled.
 3. Each route's output is put back in raster order (inverse index tables) and the 4 outputs of a head
    are fused by Scan Route Attention (SRA)::
@@ -36,7 +36,7 @@ Multi-Head Scan, as in MHS-VM (Ji, 2024):
    gate is positive almost everywhere, ``t = 0`` makes it ``sum * cv``.
 4. The heads are concatenated (``h * d_head`` channels), LayerNorm, Linear without bias -> C.
 
-In 3D the families use the 3D routes of ``medmamba.scan_routes`` (snake = reflected Gray code, diagonal
+In 3D the families use the 3D routes of ``medmamba.layers.scan_routes`` (snake = reflected Gray code, diagonal
 = zigzag over the planes i + j + k = s, spiral = slice-by-slice spirals; see that module).
 
 MHSMixer (MHS-VM's gated VSS mixer): ``in_proj`` C -> 2C (no bias) split into x, z; depthwise conv
@@ -52,9 +52,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medmamba.cross_scan import fused_multi_route_scan, init_route_params, multi_route_scan, use_fused_routes
-from medmamba.mamba import fp32_region
-from medmamba.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
+from medmamba.layers.cross_scan import fused_multi_route_scan, init_route_params, multi_route_scan, use_fused_routes
+from medmamba.layers.mamba import fp32_region
+from medmamba.layers.scan_routes import MHS_FAMILIES, inverse_permutation, route_permutation
 
 __all__ = ["MultiHeadScan", "MHSMixer", "scan_route_attention", "DEFAULT_FAMILIES"]
 

@@ -6,8 +6,8 @@ API (stable):
   gated=True, conv_bias=True, out_norm=True, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
   scan_backend=None, dt_scale=1.0, bias=False, fused_routes=None)``: ``forward(x)`` maps channels-last
   ``(B, *S, d_model)`` to ``(B, *S, d_model)``. ``routes`` defaults to
-  ``medmamba.scan_routes.CROSS_SCAN_ROUTES[spatial_dims]`` (4 in 2D, 6 in 3D); any route names of
-  ``medmamba.scan_routes`` are accepted. Attributes: ``d_model, d_inner, d_state, dt_rank, routes,
+  ``medmamba.layers.scan_routes.CROSS_SCAN_ROUTES[spatial_dims]`` (4 in 2D, 6 in 3D); any route names of
+  ``medmamba.layers.scan_routes`` are accepted. Attributes: ``d_model, d_inner, d_state, dt_rank, routes,
   spatial_dims, gated``; submodules ``in_proj, conv, act, scan_routes, out_norm, out_proj``; per-route
   parameters stacked: ``x_proj_weight (R, dt_rank + 2N, d_inner)``, ``dt_projs_weight (R, d_inner,
   dt_rank)``, ``dt_projs_bias (R, d_inner)``, ``A_logs (R*d_inner, N)``, ``Ds (R*d_inner,)``.
@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medmamba.kernels import resolve_backend, routed_selective_scan, selective_scan
-from medmamba.mamba import fp32_region
-from medmamba.scan_routes import CROSS_SCAN_ROUTES, ScanRoutes
+from medmamba.layers.mamba import fp32_region
+from medmamba.layers.scan_routes import CROSS_SCAN_ROUTES, ScanRoutes
 
 __all__ = ["CrossScan", "init_route_params", "multi_route_scan", "fused_multi_route_scan", "use_fused_routes"]
 

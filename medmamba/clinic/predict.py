@@ -15,7 +15,7 @@ is never replaced unless ``--overwrite``. A failing case is reported and the oth
 ``OUT/predict_log.json`` lists every case's status. Exit status: 0 when every case succeeded, 1 when any case
 failed (or existed without ``--overwrite``), 2 on usage errors (bad model folder, unwritable output, no input).
 Case names: NIfTI file name without ``.nii``/``.nii.gz`` (and without nnU-Net's ``_0000`` channel suffix);
-DICOM series: see :mod:`medmamba.imageio`.
+DICOM series: see :mod:`medmamba.clinic.imageio`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import traceback
 
 import numpy as np
 
-from medmamba import imageio
+from medmamba.clinic import imageio
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -1,26 +1,7 @@
-"""MONAI bundles for medmamba networks.
-
-``medmamba bundle create OUT --arch NAME ...`` writes a standard MONAI bundle (``configs/metadata.json``,
-``configs/inference.json``, ``configs/train.json``, ``configs/logging.conf``, ``models/model.pt``,
-``docs/README.md``, ``LICENSE``) that MONAI's own CLI runs::
-
-    python -m monai.bundle run --config_file OUT/configs/inference.json --bundle_root OUT \\
-        --dataset_dir IN --output_dir SEG
-
-The configs use MONAI's machinery only (LoadImaged ... SlidingWindowInferer ... Invertd, SaveImaged,
-SupervisedEvaluator / SupervisedTrainer and their handlers). From this module they reference just
-:class:`CheckImaged` (clear errors for bad input files), :func:`list_images` / :func:`msd_datalist` /
-:func:`split_datalist` (data lists that fail with a clear message) and, for nnU-Net checkpoints whose
-network cannot be written as a plain ``_target_``, :func:`nnunet_network`.
-
-Importing this module imports neither MONAI nor nnU-Net (the ``medmamba`` CLI imports it for every
-command); the heavy imports happen inside the functions.
-"""
+"""``medmamba bundle create``: the bundle writer (configs, metadata, README, LICENSE, weights)."""
 from __future__ import annotations
 
 import copy
-import glob
-import importlib
 import importlib.metadata
 import inspect
 import json
@@ -29,9 +10,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+from medmamba.monai.checks import BundleError
+from medmamba.monai.from_nnunet import (_adapt_plans, _as_target, _build_nnunet_network, _jsonable, _load_weights,
+                                        _nnunet_num_inputs, _nnunet_preprocessing, _read_nnunet_checkpoint)
+
 META_SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
                    "meta_schema_20240725.json")
 # What MONAI's metadata schema and the MONAI Bundle specification require, checked offline by
@@ -45,379 +29,6 @@ REQUIRED_TENSOR_KEYS = ("type", "format", "modality", "num_channels", "spatial_s
 RANDOM_INIT_WARNING = ("RANDOM WEIGHTS: this bundle was created with --random-init for smoke tests only; its "
                        "predictions are meaningless.")
 
-
-class BundleError(ValueError):
-    """A problem with the arguments of ``bundle create`` / ``bundle run`` or with an input file."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers referenced by the bundle configs
-# ----------------------------------------------------------------------------------------------------------
-
-def _is_nifti(path: str) -> bool:
-    return str(path).endswith(NIFTI_SUFFIXES)
-
-
-def _image_problem(path: str, num_channels: int, spatial_dims: int = 3) -> str | None:
-    """Why a file cannot be segmented by a ``num_channels``-channel model, or None. Reads the header only."""
-    if not os.path.exists(path):
-        return "file not found"
-    if os.path.isdir(path):
-        return "is a folder, not an image file"
-    if not _is_nifti(path):
-        return None  # other formats: LoadImaged decides; the shape check after loading still applies
-    import nibabel as nib
-
-    try:
-        shape = tuple(int(s) for s in nib.load(path).header.get_data_shape())
-    except Exception as exc:  # nibabel's own message, with the file name in front
-        return f"cannot read the NIfTI header ({type(exc).__name__}: {exc})"
-    return _shape_problem(shape, num_channels, spatial_dims, channel_last=True)
-
-
-def _shape_problem(shape: tuple, num_channels: int, spatial_dims: int, channel_last: bool) -> str | None:
-    """NIfTI keeps channels (and time) after the spatial axes, (x, y, z, [1,] C); MetaTensors are channel first."""
-    if channel_last:
-        spatial = shape[:spatial_dims]
-        rest = [s for s in shape[spatial_dims:] if s != 1]
-        if len(rest) > 1:
-            return (f"has {len(shape)} dimensions {shape}; expected a {spatial_dims}D image (x, y, z) or a "
-                    f"multi-channel image (x, y, z, C)")
-        channels = rest[0] if rest else 1
-    else:
-        channels, spatial = shape[0], shape[1:]
-    if len(spatial) != spatial_dims or min(spatial) < 1:
-        return f"is not a {spatial_dims}D image: shape {shape}"
-    if channels != num_channels:
-        if channels > 1 and num_channels == 1:
-            return (f"is a 4D image with {channels} volumes along the 4th axis, shape {shape} (a time series or a "
-                    f"multi-channel image?); this model takes 1 channel: give one 3D volume per file")
-        if num_channels > 1:
-            return (f"has {channels} channel(s), shape {shape}; this model takes {num_channels} channels, stored as "
-                    f"one 4D NIfTI (x, y, z, {num_channels}) in the training channel order")
-        return f"has {channels} channel(s), shape {shape}; this model takes {num_channels}"
-    return None
-
-
-class CheckImaged:
-    """Validate input images before MONAI loads them: a clear ``ValueError`` / ``FileNotFoundError`` naming
-    the file, instead of a deep stack trace from a reader, EnsureChannelFirstd or the network.
-
-    Place it first in a preprocessing ``Compose`` (it then sees file names and reads NIfTI headers only) or
-    after ``EnsureChannelFirstd`` (it then sees channel-first arrays). Not invertible, so ``Invertd`` skips it.
-
-    Args:
-        keys: keys of the data dictionary to check (e.g. ``"image"``).
-        num_channels: channels the model takes.
-        spatial_dims: spatial dimensions of the model's input (3).
-    """
-
-    def __init__(self, keys: str | Sequence[str], num_channels: int, spatial_dims: int = 3):
-        self.keys = [keys] if isinstance(keys, str) else list(keys)
-        self.num_channels, self.spatial_dims = int(num_channels), int(spatial_dims)
-
-    def __call__(self, data: dict) -> dict:
-        for key in self.keys:
-            value = data[key]
-            if isinstance(value, (str, os.PathLike)):
-                name = os.fspath(value)
-                problem = _image_problem(name, self.num_channels, self.spatial_dims)
-            else:
-                problem = _shape_problem(tuple(value.shape), self.num_channels, self.spatial_dims, channel_last=False)
-                meta = getattr(value, "meta", None) or {}
-                name = str(meta.get("filename_or_obj", f"<{key}>"))
-            if problem is not None:
-                err = FileNotFoundError if problem == "file not found" else ValueError
-                raise err(f"{name}: {problem}")
-        return data
-
-
-def list_images(dataset_dir: str, num_channels: int | None = None, spatial_dims: int = 3) -> list[str]:
-    """Sorted NIfTI files (``*.nii.gz``, ``*.nii``) in ``dataset_dir`` (or ``[dataset_dir]`` for one file).
-
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a folder without NIfTI; with
-    ``num_channels`` every file's header is checked up front (as :class:`CheckImaged` does), so a bad file
-    stops the run before the first image is segmented.
-    """
-    path = os.path.abspath(os.path.expanduser(str(dataset_dir)))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"input not found: {path} (set --dataset_dir to a folder of NIfTI files or one file)")
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        files = sorted({f for suffix in NIFTI_SUFFIXES
-                        for f in glob.glob(os.path.join(glob.escape(path), "*" + suffix))})
-        if not files:
-            raise ValueError(f"no NIfTI files (*.nii.gz, *.nii) in {path}")
-    if num_channels is not None:
-        problems = [f"{f}: {p}" for f in files if (p := _image_problem(f, int(num_channels), spatial_dims))]
-        if problems:
-            raise ValueError("bad input image(s):\n  " + "\n  ".join(problems))
-    return files
-
-
-def _case_id(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def msd_datalist(dataset_dir: str, num_channels: int | None = None) -> list[dict]:
-    """``[{"image": ..., "label": ...}]`` from ``dataset_dir/imagesTr`` and ``labelsTr`` (MSD layout: the same
-    file name in both; nnU-Net's raw layout ``CASE_0000.nii.gz`` / ``CASE.nii.gz`` with one channel works too)."""
-    root = os.path.abspath(os.path.expanduser(str(dataset_dir)))
-    images_dir, labels_dir = os.path.join(root, "imagesTr"), os.path.join(root, "labelsTr")
-    for d in (images_dir, labels_dir):
-        if not os.path.isdir(d):
-            raise FileNotFoundError(f"{d} not found: the training data must be in the MSD layout "
-                                    f"(DATASET/imagesTr/*.nii.gz and DATASET/labelsTr/*.nii.gz with the same names)")
-    labels = {_case_id(f): f for f in list_images(labels_dir)}
-    pairs, unmatched = [], []
-    for image in list_images(images_dir, num_channels):
-        case = _case_id(image)
-        label = labels.get(case) or (labels.get(case[:-5]) if case.endswith("_0000") else None)
-        if label is None:
-            unmatched.append(os.path.basename(image))
-        else:
-            pairs.append({"image": image, "label": label})
-    if unmatched:
-        raise ValueError(f"no label in {labels_dir} for: {', '.join(unmatched)}")
-    return pairs
-
-
-def split_datalist(datalist: list, val_fraction: float = 0.2) -> tuple[list, list]:
-    """(train, validation): the last ``val_fraction`` of the (sorted) list for validation, at least one case
-    each; a single case is used for both (smoke tests only)."""
-    n = len(datalist)
-    if n == 0:
-        raise ValueError("empty datalist")
-    if n == 1:
-        return list(datalist), list(datalist)
-    n_val = min(n - 1, max(1, round(n * float(val_fraction))))
-    return list(datalist[: n - n_val]), list(datalist[n - n_val:])
-
-
-def nnunet_network(plans_file: str, dataset_json_file: str, configuration: str, trainer_name: str | None = None):
-    """Rebuild the network of an nnU-Net model (deep supervision off) from the plans and dataset.json copied
-    into the bundle: the trainer's ``build_network_architecture`` when the trainer can be found, else the plans'
-    network class. Used when the network cannot be written as a plain ``_target_``."""
-    net, _ = _build_nnunet_network(_load_json(plans_file), _load_json(dataset_json_file), configuration, trainer_name)
-    return net
-
-
-# ----------------------------------------------------------------------------------------------------------
-# nnU-Net checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-def _load_json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _find_trainer(trainer_name: str | None):
-    """The trainer class: medmamba's nnU-Net plugin first, then nnU-Net's own search; None if not found."""
-    if not trainer_name:
-        return None
-    for module in ("medmamba.nnunet.trainers", "medmamba.nnunet"):
-        try:
-            mod = importlib.import_module(module)
-        except Exception:
-            continue
-        if hasattr(mod, trainer_name):
-            return getattr(mod, trainer_name)
-    try:
-        import contextlib
-        import io
-
-        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            return recursive_find_trainer_class_by_name(trainer_name)
-    except Exception:
-        return None
-
-
-def _adapt_plans(plans: dict, configuration: str, trainer_name: str | None) -> dict:
-    """medmamba's nnU-Net trainers adapt the configuration to their architecture's preset (patch size,
-    strides) before nnU-Net reads it; checkpoints and plans.json normally hold the adapted plans already, and
-    adapting is idempotent, so do it here too in case they do not."""
-    trainer = _find_trainer(trainer_name)
-    arch = getattr(trainer, "arch", None)
-    if trainer is None or arch is None or not trainer.__module__.startswith("medmamba."):
-        return plans
-    from medmamba.nnunet.presets import apply_preset
-
-    return apply_preset(plans, arch, configurations=[configuration])
-
-
-def _nnunet_num_inputs(dataset_json: dict) -> int:
-    names = dataset_json.get("channel_names", dataset_json.get("modality"))
-    if not names:
-        raise BundleError("dataset.json has no channel_names")
-    return len(names)
-
-
-def _build_nnunet_network(plans: dict, dataset_json: dict, configuration: str, trainer_name: str | None):
-    """(network, how) for an nnU-Net model; ``how`` says which builder was used."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(configuration)
-    num_in = _nnunet_num_inputs(dataset_json)
-    num_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    trainer = _find_trainer(trainer_name)
-    if trainer is not None:
-        how = f"{trainer.__module__}.{trainer.__name__}.build_network_architecture"
-    else:
-        how = (f"nnUNetTrainer.build_network_architecture, i.e. the plans' network class (trainer "
-               f"{trainer_name!r} not importable)")
-    builder = trainer if trainer is not None else nnUNetTrainer
-    return builder.build_network_architecture(pm, cm, num_in, num_out, False), how
-
-
-def _strip_prefixes(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def _load_weights(net, state: dict, source: str) -> list[str]:
-    """Load ``state`` into ``net``: missing keys or shape mismatches are errors, extra keys (e.g. deep
-    supervision heads the inference network does not build) are dropped and returned."""
-    import torch
-
-    state = _strip_prefixes(state)
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)}" for k in own
-           if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
-    if missing or bad:
-        lines = ([f"missing in the checkpoint: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"]
-                 if missing else []) + [f"shape mismatch {b}" for b in bad[:8]]
-        raise BundleError(f"{source} does not fit the network ({type(net).__name__}):\n  " + "\n  ".join(lines) +
-                          "\n  (check --arch, --in-channels, --out-channels and --net-kwargs)")
-    net.load_state_dict({k: state[k] for k in own}, strict=True)
-    return [k for k in state if k not in own]
-
-
-def _nnunet_preprocessing(plans: dict, configuration: str, num_in: int) -> dict:
-    """Spacing, ROI, axis permutation and normalisation of an nnU-Net configuration, in MONAI's terms.
-
-    nnU-Net works in the axes of the array its reader returns, after ``transpose_forward``; the spacing and
-    patch size in the plans are in that transposed order. SimpleITKIO (nnU-Net's reader for NIfTI) returns
-    (z, y, x), the reverse of the NIfTI voxel axes (i, j, k) that MONAI's LoadImaged and Orientationd use; the
-    Nibabel readers return (i, j, k). So MONAI axis m is nnU-Net original axis ``2 - m`` (SimpleITK) or ``m``
-    (Nibabel), and network axis n is original axis ``transpose_forward[n]``. Returns ``pixdim`` (MONAI axes,
-    for Spacingd), ``roi`` (network axes: the plans' patch size) and ``perm`` (network axis n = MONAI axis
-    ``perm[n]``, for Transposed).
-    """
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(configuration)
-    if len(cm.patch_size) != 3:
-        raise BundleError(f"nnU-Net configuration {configuration!r} is 2D; bundles support 3D configurations "
-                          f"(3d_fullres, 3d_lowres)")
-    if cm.previous_stage_name is not None:
-        raise BundleError(f"nnU-Net configuration {configuration!r} is a cascade stage (it needs the "
-                          f"{cm.previous_stage_name} segmentation as input); use 3d_fullres or 3d_lowres")
-    reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
-    tf = [int(i) for i in pm.transpose_forward]
-    if "nibabel" in reader.lower():
-        def to_orig(m):
-            return m
-    else:
-        def to_orig(m):
-            return 2 - m
-    spacing_orig = [0.0] * 3
-    for n, a in enumerate(tf):
-        spacing_orig[a] = float(cm.spacing[n])
-    pixdim = [spacing_orig[to_orig(m)] for m in range(3)]
-    monai_axis = {to_orig(m): m for m in range(3)}
-    perm = [monai_axis[a] for a in tf]
-    schemes = list(cm.normalization_schemes)
-    if len(schemes) != num_in:
-        raise BundleError(f"the plans have {len(schemes)} normalisation schemes for {num_in} input channels")
-    props = pm.foreground_intensity_properties_per_channel
-    norm = {"schemes": schemes, "use_mask_for_norm": list(cm.use_mask_for_norm),
-            "ct_stats": [props.get(str(c), props.get(c)) if s == "CTNormalization" else None
-                         for c, s in enumerate(schemes)]}
-    return {"pixdim": pixdim, "roi": [int(p) for p in cm.patch_size], "perm": perm, "norm": norm, "reader": reader,
-            "transpose_forward": tf, "plans_spacing": [float(s) for s in cm.spacing]}
-
-
-def _read_nnunet_checkpoint(path: str) -> dict | None:
-    """The parts of an nnU-Net fold checkpoint, or None if ``path`` is not one (no ``network_weights``)."""
-    import torch
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not (isinstance(ckpt, dict) and "network_weights" in ckpt):
-        return None
-    fold_dir = Path(path).resolve().parent
-    init = ckpt.get("init_args") or {}
-    plans, dataset_json = init.get("plans"), init.get("dataset_json")
-    if plans is None and (fold_dir.parent / "plans.json").exists():
-        plans = _load_json(fold_dir.parent / "plans.json")
-    if dataset_json is None and (fold_dir.parent / "dataset.json").exists():
-        dataset_json = _load_json(fold_dir.parent / "dataset.json")
-    if plans is None or dataset_json is None:
-        raise BundleError(f"{path} is an nnU-Net checkpoint, but its plans/dataset.json are neither in the "
-                          f"checkpoint's init_args nor in {fold_dir.parent}")
-    parts = fold_dir.parent.name.split("__")
-    configuration = init.get("configuration") or (parts[2] if len(parts) == 3 else None)
-    if configuration is None:
-        raise BundleError(f"{path}: cannot tell the nnU-Net configuration (no init_args.configuration and the "
-                          f"folder is not <trainer>__<plans>__<configuration>/fold_X)")
-    return {"weights": ckpt["network_weights"], "plans": plans, "dataset_json": dataset_json,
-            "configuration": configuration, "trainer_name": ckpt.get("trainer_name") or parts[0],
-            "fold_dir": str(fold_dir), "mirror_axes": ckpt.get("inference_allowed_mirroring_axes")}
-
-
-def _as_target(net, plans: dict, configuration: str, num_in: int, num_out: int) -> dict | None:
-    """``{"_target_": class, **kwargs}`` that rebuilds ``net`` exactly (same repr and parameter shapes) from the
-    plans' architecture kwargs, or None. Only for medmamba's own classes."""
-    cls = type(net)
-    if not cls.__module__.startswith("medmamba."):
-        return None
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    cm = PlansManager(plans).get_configuration(configuration)
-    base = dict(copy.deepcopy(cm.network_arch_init_kwargs))
-    base.update(input_channels=num_in, num_classes=num_out, deep_supervision=False)
-    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    for extra in ({}, {"patch_size": [int(p) for p in cm.patch_size]}):
-        kwargs = {**base, **extra}
-        try:
-            twin = cls(**kwargs)
-        except Exception:
-            continue
-        if repr(twin) == repr(net) and {k: tuple(v.shape) for k, v in twin.state_dict().items()} == shapes:
-            return {"_target_": f"{cls.__module__}.{cls.__name__}", **_jsonable(kwargs)}
-    return None
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, type):
-        return f"{obj.__module__}.{obj.__qualname__}"
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
-    return obj
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Bundle creation
-# ----------------------------------------------------------------------------------------------------------
 
 def _version(dist: str) -> str:
     try:
@@ -479,7 +90,7 @@ def _intensity_transforms(key: str, intensity: str | None, ct_window, nn_norm: d
 
 def _deterministic(keys: list[str], intensity_tf: list[dict], perm: list[int]) -> list[dict]:
     label = len(keys) > 1
-    tf = [{"_target_": "medmamba.bundle.CheckImaged", "keys": "image", "num_channels": "@num_channels"},
+    tf = [{"_target_": "medmamba.monai.checks.CheckImaged", "keys": "image", "num_channels": "@num_channels"},
           {"_target_": "LoadImaged", "keys": keys, "image_only": True},
           {"_target_": "EnsureChannelFirstd", "keys": keys},
           # explicit labels (NIfTI/RAS world): MONAI >= 1.5 warns that the default is changing to the tensor's space
@@ -529,7 +140,7 @@ def _inference_config(common: dict, deterministic: list[dict]) -> dict:
         "output_dtype": "$numpy.uint8",
         "separate_folder": False,
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
-        "datalist": {"_target_": "medmamba.bundle.list_images", "dataset_dir": "@dataset_dir",
+        "datalist": {"_target_": "medmamba.monai.checks.list_images", "dataset_dir": "@dataset_dir",
                      "num_channels": "@num_channels"},
         "preprocessing": {"_target_": "Compose", "transforms": deterministic},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
@@ -576,9 +187,9 @@ def _train_config(common: dict, deterministic: list[dict]) -> dict:
         "batch_size": 2,
         "num_samples": 2,
         "learning_rate": 1e-4,
-        "datalist": {"_target_": "medmamba.bundle.msd_datalist", "dataset_dir": "@dataset_dir",
+        "datalist": {"_target_": "medmamba.monai.checks.msd_datalist", "dataset_dir": "@dataset_dir",
                      "num_channels": "@num_channels"},
-        "split": {"_target_": "medmamba.bundle.split_datalist", "datalist": "@datalist",
+        "split": {"_target_": "medmamba.monai.checks.split_datalist", "datalist": "@datalist",
                   "val_fraction": "@val_fraction"},
         "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True, "include_background": True,
                  "batch": True, "smooth_nr": 1e-5, "smooth_dr": 1e-5},
@@ -895,7 +506,7 @@ def create_bundle(out: str | os.PathLike, arch: str | None = None, in_channels: 
         pixdim, roi, perm = pre["pixdim"], pre["roi"], pre["perm"]
         network_def = _as_target(net, plans, conf, num_in, num_out)
         if network_def is None:
-            network_def = {"_target_": "medmamba.bundle.nnunet_network",
+            network_def = {"_target_": "medmamba.monai.from_nnunet.nnunet_network",
                            "plans_file": "$@bundle_root + '/configs/nnunet/plans.json'",
                            "dataset_json_file": "$@bundle_root + '/configs/nnunet/dataset.json'",
                            "configuration": conf, "trainer_name": nn_ckpt["trainer_name"]}
@@ -1025,119 +636,3 @@ def create_bundle(out: str | os.PathLike, arch: str | None = None, in_channels: 
               f"(e.g. deep-supervision heads): {', '.join(dropped[:4])}{' ...' if len(dropped) > 4 else ''}",
               file=sys.stderr)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Running and checking bundles (thin wrappers around monai.bundle)
-# ----------------------------------------------------------------------------------------------------------
-
-def run_bundle(bundle: str | os.PathLike, dataset_dir: str, output_dir: str, device: str | None = None,
-               config: str = "inference.json", **overrides: Any) -> None:
-    """``monai.bundle.run`` of ``bundle/configs/<config>``, after checking every input image."""
-    bundle = Path(bundle).absolute()
-    cfg_file, meta_file = bundle / "configs" / config, bundle / "configs" / "metadata.json"
-    if not cfg_file.is_file() or not meta_file.is_file():
-        raise BundleError(f"{cfg_file} or {meta_file} not found: is {bundle} a bundle?")
-    num_channels = _load_json(meta_file)["network_data_format"]["inputs"]["image"]["num_channels"]
-    if config == "inference.json":
-        list_images(dataset_dir, num_channels)  # raises naming the file and the problem
-    if device is not None:
-        overrides["device"] = f"$torch.device({device!r})"
-    from monai.bundle import run
-
-    run(config_file=str(cfg_file), meta_file=str(meta_file), logging_file=str(bundle / "configs" / "logging.conf"),
-        bundle_root=str(bundle), dataset_dir=os.path.abspath(dataset_dir), output_dir=os.path.abspath(output_dir),
-        **overrides)
-
-
-def verify_bundle(bundle: str | os.PathLike) -> None:
-    """Offline metadata check and MONAI's ``verify_net_in_out`` on CPU."""
-    bundle = Path(bundle).absolute()
-    meta = _load_json(bundle / "configs" / "metadata.json")
-    problems = check_metadata(meta)
-    if problems:
-        raise BundleError("metadata.json: " + "; ".join(problems))
-    from monai.bundle import verify_net_in_out
-
-    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
-                      config_file=str(bundle / "configs" / "inference.json"), device="cpu", bundle_root=str(bundle))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line: medmamba bundle ...
-# ----------------------------------------------------------------------------------------------------------
-
-def add_parser(subparsers) -> None:
-    """Register ``medmamba bundle create|run|verify`` on the ``medmamba`` CLI's subparsers."""
-    p = subparsers.add_parser("bundle", help="MONAI bundles: create, run, verify")
-    sub = p.add_subparsers(dest="bundle_command", required=True)
-
-    c = sub.add_parser("create", help="write a MONAI bundle for a medmamba network")
-    c.add_argument("out", help="bundle folder to create")
-    c.add_argument("--arch", help="network registry name (medmamba.nets.available())")
-    c.add_argument("--in-channels", type=int)
-    c.add_argument("--out-channels", type=int, help="classes including background")
-    src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="nnU-Net fold checkpoint (checkpoint_final.pth) or a plain state dict")
-    src.add_argument("--random-init", action="store_true", help="random weights: smoke tests only")
-    c.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"), help="sliding-window ROI (default 96 96 96)")
-    c.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target spacing, mm (RAS order)")
-    c.add_argument("--intensity", choices=("ct", "mri"))
-    c.add_argument("--ct-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),
-                   help="HU window scaled to [0, 1] for --intensity ct (default -1000 1000)")
-    c.add_argument("--net-kwargs", default="{}", help="JSON object of extra network keyword arguments")
-    c.add_argument("--labels", nargs="+", help="class names, background first")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    c.set_defaults(func=_cmd_create)
-
-    r = sub.add_parser("run", help="segment every NIfTI in INPUT with a bundle (monai.bundle run + input checks)")
-    r.add_argument("bundle")
-    r.add_argument("input", help="folder of NIfTI files, or one file")
-    r.add_argument("output", help="output folder")
-    r.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: CUDA if available)")
-    r.set_defaults(func=_cmd_run)
-
-    v = sub.add_parser("verify", help="check the metadata keys and run MONAI's verify_net_in_out")
-    v.add_argument("bundle")
-    v.set_defaults(func=_cmd_verify)
-
-
-def _fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
-
-
-def _cmd_create(args) -> int:
-    try:
-        kwargs = json.loads(args.net_kwargs)
-        if not isinstance(kwargs, dict):
-            raise BundleError("--net-kwargs must be a JSON object")
-        out = create_bundle(args.out, args.arch, args.in_channels, args.out_channels, checkpoint=args.checkpoint,
-                            random_init=args.random_init, roi=args.roi, spacing=args.spacing,
-                            intensity=args.intensity, ct_window=args.ct_window, net_kwargs=kwargs,
-                            labels=args.labels, overwrite=args.overwrite)
-    except (BundleError, json.JSONDecodeError) as exc:
-        return _fail(exc)
-    print(f"bundle written to {out}")
-    return 0
-
-
-def _cmd_run(args) -> int:
-    try:
-        run_bundle(args.bundle, args.input, args.output, device=args.device)
-    except (BundleError, FileNotFoundError) as exc:
-        return _fail(exc)
-    except ValueError as exc:
-        if "bad input image" in str(exc) or "no NIfTI files" in str(exc):
-            return _fail(exc)
-        raise
-    return 0
-
-
-def _cmd_verify(args) -> int:
-    try:
-        verify_bundle(args.bundle)
-    except BundleError as exc:
-        return _fail(exc)
-    print("bundle verified: metadata keys present, network input/output as declared")
-    return 0

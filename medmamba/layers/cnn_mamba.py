@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from medmamba.mamba import Mamba, fp32_region
+from medmamba.layers.mamba import Mamba, fp32_region
 
 __all__ = ["ResidualBlock", "NearestUpsampleConv", "DepthwiseSeparableConv", "MambaLayer", "RVMLayer",
            "fp32_region"]

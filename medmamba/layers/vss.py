@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
 
-from medmamba.cross_scan import CrossScan
+from medmamba.layers.cross_scan import CrossScan
 
 __all__ = ["FinalPatchExpand", "Mlp", "PatchEmbed", "PatchExpand", "PatchMerging", "VSSBlock", "VSSLayer",
            "to_channels_first", "to_channels_last"]

@@ -34,7 +34,7 @@ import warnings
 
 import numpy as np
 
-from medmamba import imageio
+from medmamba.clinic import imageio
 
 METRIC_COLUMNS = ["case", "label", "status", "dice", "hd95_mm", "nsd", "vol_pred_ml", "vol_ref_ml", "flags"]
 
