@@ -1,6 +1,7 @@
 """medmamba.kernels: selective-scan ops (Triton on GPU, vectorised PyTorch on CPU) and their reference.
 
-Pure functions only; modules with parameters live in ``medmamba``.
+Pure functions only (and their operator registrations, ``ops``); modules with parameters live in
+``medmamba.layers``.
 """
 from . import ops  # noqa: F401  (registers the torch.ops.medmamba operators)
 from .reference import selective_scan_ref
