@@ -32,7 +32,7 @@ import traceback
 
 import numpy as np
 
-from medmamba.clinic import imageio
+from medmamba.clinic import imageio, validate
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -190,15 +190,22 @@ class NnunetPredictor:
 _CHANNEL = re.compile(r"^(.*)_(\d{4})$")
 
 
-def group_cases(cases, n_channels: int = 1) -> dict:
-    """Case name -> list of input cases (one per channel). nnU-Net's ``_0000`` suffix is dropped from names."""
+def group_cases(cases, n_channels: int = 1, channel_suffix: bool = True) -> dict:
+    """Case name -> list of input cases (one per channel). nnU-Net's ``_0000`` suffix is dropped from names.
+
+    ``channel_suffix=False`` (MONAI bundles, one file per case): only ``_0000`` is dropped; any other ``_NNNN``
+    is part of the case name (``case_0001`` and ``case_0002`` are two cases). Two files claiming the same case and channel (``pat.nii.gz`` and ``pat_0000.nii.gz``) fail that
+    case instead of one silently replacing the other."""
     groups: dict = {}
+    clashes: dict = {}
     for c in cases:
         m = _CHANNEL.match(c.name) if c.kind == "nifti" else None
-        if m:
-            groups.setdefault(m.group(1), {})[int(m.group(2))] = c
-        else:
-            groups.setdefault(c.name, {})[0] = c
+        if m and not channel_suffix and m.group(2) != "0000":
+            m = None
+        name, chan = (m.group(1), int(m.group(2))) if m else (c.name, 0)
+        if chan in groups.setdefault(name, {}):
+            clashes.setdefault(name, [groups[name][chan].path]).append(c.path)
+        groups[name][chan] = c
     out = {}
     for name, chans in groups.items():
         missing = [i for i in range(n_channels) if i not in chans]
@@ -207,7 +214,25 @@ def group_cases(cases, n_channels: int = 1) -> dict:
                                      f"{name}_{n_channels - 1:04d}); found {sorted(chans)}"))
         if not missing and len(chans) > n_channels:
             out[name] = ValueError(f"{len(chans)} channel files for a {n_channels}-channel model")
+        if name in clashes:
+            out[name] = ValueError(f"several files are channel 0 of case {name!r}: "
+                                   f"{', '.join(os.path.basename(p) for p in clashes[name])}; rename or remove one")
     return dict(sorted(out.items()))
+
+
+def error_message(exc: BaseException) -> str:
+    """``Type: message`` of the exception that explains a failure. MONAI wraps a transform's error in
+    ``RuntimeError('applying transform <...>')``; the real reason is in the ``__cause__`` chain."""
+    chain = [exc]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain and len(chain) < 20:
+        chain.append(nxt)
+    useful = [e for e in chain if not str(e).startswith("applying transform")] or chain
+    root = useful[-1]
+    text = str(root).strip().splitlines()
+    msg = f"{type(root).__name__}: {text[0] if text else ''}"
+    if isinstance(root, MemoryError) or "out of memory" in str(root).lower():
+        msg += " (out of memory: use --device cpu, a smaller sliding-window batch, or a machine with more memory)"
+    return msg
 
 
 def predict(model: str, input: str, output: str, device: str | None = None, overwrite: bool = False,
@@ -230,15 +255,20 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
     if kind == "nnunet":
         with open(os.path.join(model, "dataset.json")) as f:
             n_channels = len(json.load(f)["channel_names"])
-    groups = group_cases(cases, n_channels)
+    groups = group_cases(cases, n_channels, channel_suffix=kind == "nnunet")
     todo = [n for n, g in groups.items()
             if not isinstance(g, Exception) and (overwrite or not os.path.exists(os.path.join(output, f"{n}.nii.gz")))]
     runner = None
     if todo:    # load the model only when there is work for it
-        if kind == "bundle":
-            runner = BundlePredictor(model, device)
-        else:
-            runner = NnunetPredictor(model, device, folds=folds, checkpoint=checkpoint, mirroring=mirroring)
+        try:
+            if kind == "bundle":
+                runner = BundlePredictor(model, device)
+            else:
+                runner = NnunetPredictor(model, device, folds=folds, checkpoint=checkpoint, mirroring=mirroring)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as exc:   # corrupt or mismatched weights, broken config: one line naming the model
+            raise ValueError(f"cannot load the model {model}: {error_message(exc)}") from None
     log = {}
     bar = tqdm(groups.items(), desc="predict", unit="case", disable=not progress)
     for name, group in bar:
@@ -256,7 +286,10 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             continue
         start = time.perf_counter()
         try:
-            images = [imageio.read_case(c) for c in group]
+            images = [imageio.read_case(c) for c in group]      # refuses truncated files, NaN/inf, slice gaps
+            for c, im in zip(group, images):
+                if problem := validate.shape_problem(im, n_channels):
+                    raise validate.VolumeError(f"{c.describe()} {problem}")
             if kind == "bundle":
                 if group[0].kind == "nifti":
                     seg = runner(group[0].path, images[0])
@@ -271,13 +304,23 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             entry.update(status="ok", seconds=round(time.perf_counter() - start, 2),
                          labels=sorted(int(v) for v in np.unique(seg)))
         except Exception as exc:   # report, go on with the other cases
-            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            entry.update(status="failed", error=error_message(exc))
             if os.environ.get("MEDMAMBA_DEBUG"):
                 entry["traceback"] = traceback.format_exc()
             tqdm.write(f"FAILED {name}: {entry['error']}", file=sys.stderr)
+    log_path = os.path.join(output, "predict_log.json")
+    if os.path.isfile(log_path):   # a rerun keeps what earlier runs recorded for the cases it skipped
+        try:
+            with open(log_path) as f:
+                previous = json.load(f).get("cases", {})
+        except (OSError, ValueError, AttributeError):
+            previous = {}
+        for name, entry in log.items():
+            if entry["status"] == "exists" and isinstance(previous.get(name), dict):
+                entry["previous"] = previous[name]
     report = {"model": os.path.abspath(model), "model_kind": kind, "device": device, "input": os.path.abspath(input),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cases": log}
-    imageio.write_text_atomic(os.path.join(output, "predict_log.json"), json.dumps(report, indent=2) + "\n")
+    imageio.write_text_atomic(log_path, json.dumps(report, indent=2) + "\n")
     return log
 
 
@@ -288,6 +331,10 @@ def cmd_predict(args) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"medmamba predict: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # outputs are written atomically: finished cases are complete, nothing half-written
+        print("medmamba predict: interrupted; the segmentations written so far are complete, rerun to do the rest",
+              file=sys.stderr)
+        return 130
     bad = {n: e for n, e in log.items() if e["status"] != "ok"}
     print(f"{len(log) - len(bad)}/{len(log)} case(s) written to {args.output}")
     for name, e in bad.items():
