@@ -220,20 +220,6 @@ def group_cases(cases, n_channels: int = 1, channel_suffix: bool = True) -> dict
     return dict(sorted(out.items()))
 
 
-def error_message(exc: BaseException) -> str:
-    """``Type: message`` of the exception that explains a failure. MONAI wraps a transform's error in
-    ``RuntimeError('applying transform <...>')``; the real reason is in the ``__cause__`` chain."""
-    chain = [exc]
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain and len(chain) < 20:
-        chain.append(nxt)
-    useful = [e for e in chain if not str(e).startswith("applying transform")] or chain
-    root = useful[-1]
-    text = str(root).strip().splitlines()
-    msg = f"{type(root).__name__}: {text[0] if text else ''}"
-    if isinstance(root, MemoryError) or "out of memory" in str(root).lower():
-        msg += " (out of memory: use --device cpu, a smaller sliding-window batch, or a machine with more memory)"
-    return msg
-
 
 def predict(model: str, input: str, output: str, device: str | None = None, overwrite: bool = False,
             folds=None, checkpoint: str = "checkpoint_final.pth", mirroring: bool = True, progress: bool = True) -> dict:
@@ -268,7 +254,7 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
         except (FileNotFoundError, PermissionError):
             raise
         except Exception as exc:   # corrupt or mismatched weights, broken config: one line naming the model
-            raise ValueError(f"cannot load the model {model}: {error_message(exc)}") from None
+            raise ValueError(f"cannot load the model {model}: {validate.error_message(exc)}") from None
     log = {}
     bar = tqdm(groups.items(), desc="predict", unit="case", disable=not progress)
     for name, group in bar:
@@ -304,7 +290,7 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             entry.update(status="ok", seconds=round(time.perf_counter() - start, 2),
                          labels=sorted(int(v) for v in np.unique(seg)))
         except Exception as exc:   # report, go on with the other cases
-            entry.update(status="failed", error=error_message(exc))
+            entry.update(status="failed", error=validate.error_message(exc))
             if os.environ.get("MEDMAMBA_DEBUG"):
                 entry["traceback"] = traceback.format_exc()
             tqdm.write(f"FAILED {name}: {entry['error']}", file=sys.stderr)

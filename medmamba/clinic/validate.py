@@ -182,3 +182,22 @@ def shape_problem(img, num_channels: int = 1) -> str | None:
     if comps != 1:
         return f"has {comps} components per voxel (RGB or vector image?); expected one scalar value per voxel"
     return None
+
+
+def error_message(exc: BaseException) -> str:
+    """``Type: message`` of the exception that explains a failure. MONAI wraps a transform's error in
+    ``RuntimeError('applying transform <...>')``; the real reason is in the ``__cause__`` chain."""
+    chain = [exc]
+    while len(chain) < 20:
+        e = chain[-1]
+        nxt = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
+    useful = [e for e in chain if not str(e).startswith("applying transform")] or chain
+    root = useful[0]
+    text = str(root).strip().splitlines()
+    msg = f"{type(root).__name__}: {text[0] if text else ''}"
+    if isinstance(root, MemoryError) or "out of memory" in str(root).lower():
+        msg += " (out of memory: use --device cpu, a smaller sliding-window batch, or a machine with more memory)"
+    return msg
