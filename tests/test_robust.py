@@ -215,3 +215,62 @@ def test_predict_corrupt_model(real, tmp_path, capsys):
     torch.save({"weight": torch.zeros(3)}, bad / "models" / "model.pt")
     assert _predict(str(bad), inp, tmp_path / "out2") == 2
     assert "cannot load the model" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------------- bundle
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from medmamba import monai as mb
+    from test_bundle import TINY
+
+    return mb.create_bundle(tmp_path_factory.mktemp("tiny") / "bundle", **TINY)
+
+
+def test_bundle_run_goes_on_and_keeps_outputs(real, tiny_bundle, tmp_path, capsys):
+    """Item 6: a corrupt file is reported in one line and the good case still runs; existing outputs are kept."""
+    _, ct, _, _ = real
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    _save(ct, inp / "good.nii.gz")
+    _save(ct, inp / "bad.nii.gz")
+    _truncate(inp / "bad.nii.gz")
+    args = ["bundle", "run", str(tiny_bundle), str(inp), str(out), "--device", "cpu"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "bad.nii.gz" in err and "truncated" in err and "Traceback" not in err
+    assert os.path.isfile(out / "good_seg.nii.gz") and not os.path.exists(out / "bad_seg.nii.gz")
+    (out / "good_seg.nii.gz").write_bytes(b"old")
+    os.remove(inp / "bad.nii.gz")
+    assert main(args) == 1                                         # exists: kept, counted
+    assert (out / "good_seg.nii.gz").read_bytes() == b"old" and "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "good_seg.nii.gz").read_bytes() != b"old"
+
+
+def test_bundle_verify_and_create_errors(tiny_bundle, tmp_path, capsys):
+    """Item 9: one line and exit 2 instead of tracebacks; verify checks model.pt."""
+    def fails(*argv, match):
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and match in err, err
+    fails("bundle", "verify", str(tmp_path / "nowhere"), match="not found")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "configs" / "inference.json").write_text("{ not json")
+    fails("bundle", "verify", str(broken), match="inference.json: not valid JSON")
+    shutil.copy(tiny_bundle / "configs" / "inference.json", broken / "configs" / "inference.json")
+    os.remove(broken / "configs" / "metadata.json")
+    fails("bundle", "verify", str(broken), match="metadata.json not found")
+    shutil.copy(tiny_bundle / "configs" / "metadata.json", broken / "configs" / "metadata.json")
+    (broken / "models" / "model.pt").write_bytes(b"garbage" * 50)
+    fails("bundle", "verify", str(broken), match="model.pt: does not load")
+    import torch
+    torch.save({"conv.weight": torch.zeros(2)}, broken / "models" / "model.pt")          # wrong architecture
+    fails("bundle", "verify", str(broken), match="model.pt: does not load")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"garbage" * 50)
+    fails("bundle", "create", str(tmp_path / "b1"), "--checkpoint", str(garbage), "--arch", "umamba_bot",
+          "--in-channels", "1", "--out-channels", "2", "--spacing", "1", "1", "1", "--intensity", "ct",
+          match="bundle create")
+    fails("bundle", "create", str(tmp_path / "b2"), "--random-init", "--arch", "umamba_bot", "--in-channels", "0",
+          "--out-channels", "2", match="at least 1")
