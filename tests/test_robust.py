@@ -274,3 +274,47 @@ def test_bundle_verify_and_create_errors(tiny_bundle, tmp_path, capsys):
           match="bundle create")
     fails("bundle", "create", str(tmp_path / "b2"), "--random-init", "--arch", "umamba_bot", "--in-channels", "0",
           "--out-channels", "2", match="at least 1")
+
+
+# ------------------------------------------------------------------------------------------------------ pretrain
+def test_pretrain_skips_damaged_volumes(real, tmp_path):
+    """Items 3, 10: NaN and truncated CTs are skipped at discovery, named once, not counted as CT volumes."""
+    from medmamba.pretrain.data import discover_ct, load_ct
+
+    _, ct, _, _ = real
+    data = tmp_path / "data"
+    data.mkdir()
+    _save(ct, data / "good_ct.nii.gz")
+    nan = sitk.GetArrayFromImage(ct).astype(np.float32)
+    nan[2, 5:9, 5:9] = np.nan
+    _save(ct, data / "nan_ct.nii.gz", nan)
+    _save(ct, data / "trunc_ct.nii.gz")
+    _truncate(data / "trunc_ct.nii.gz")
+    found = discover_ct(str(data))
+    assert [os.path.basename(i.path) for i in found.items] == ["good_ct.nii.gz"]
+    assert found.summary().startswith("1 CT volume(s)") and "2 damaged" in found.summary()
+    reasons = dict(found.skipped)
+    assert "NaN" in reasons[str(data / "nan_ct.nii.gz")] and "truncated" in reasons[str(data / "trunc_ct.nii.gz")]
+    with pytest.raises(ValueError, match="nan_ct.nii.gz: 16 voxels are NaN"):
+        load_ct(str(data / "nan_ct.nii.gz"))
+
+
+def test_pretrain_resume_refuses_foreign_checkpoint_and_other_arch(real, tmp_path, capsys):
+    """Item 9/10: a foreign checkpoint_latest and --resume with another --arch are one-line errors (exit 2)."""
+    import torch
+
+    from medmamba.pretrain.train import CHECKPOINT_FORMAT, PretrainConfig
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["pretrain", "--data", str(tmp_path), "--out", str(out), "--device", "cpu", "--no-progress", "--resume"]
+    torch.save({"state_dict": {}}, out / "checkpoint_latest.pth")
+    assert main([*args, "--arch", "umamba_bot"]) == 2
+    assert "not a medmamba pretraining checkpoint" in capsys.readouterr().err
+    (out / "checkpoint_latest.pth").write_bytes(b"garbage")
+    assert main([*args, "--arch", "umamba_bot"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    cfg = PretrainConfig(data=[str(tmp_path)], arch="umamba_bot", out=str(out))
+    torch.save({"format": CHECKPOINT_FORMAT, "config": cfg.to_json()}, out / "checkpoint_latest.pth")
+    assert main([*args, "--arch", "umamba_enc"]) == 2
+    assert "arch='umamba_enc' differs from the stored run's 'umamba_bot'" in capsys.readouterr().err
