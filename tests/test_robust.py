@@ -318,3 +318,14 @@ def test_pretrain_resume_refuses_foreign_checkpoint_and_other_arch(real, tmp_pat
     torch.save({"format": CHECKPOINT_FORMAT, "config": cfg.to_json()}, out / "checkpoint_latest.pth")
     assert main([*args, "--arch", "umamba_enc"]) == 2
     assert "arch='umamba_enc' differs from the stored run's 'umamba_bot'" in capsys.readouterr().err
+
+
+def test_demo_cuda_without_cuda_fails_at_once(tmp_path, capsys):
+    """Item 10: ``demo --device cuda`` without CUDA: one line, exit 2, before any planning."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "demo")
