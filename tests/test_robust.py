@@ -215,6 +215,9 @@ def test_predict_corrupt_model(real, tmp_path, capsys):
     torch.save({"weight": torch.zeros(3)}, bad / "models" / "model.pt")
     assert _predict(str(bad), inp, tmp_path / "out2") == 2
     assert "cannot load the model" in capsys.readouterr().err
+    (bad / "configs" / "inference.json").write_text('{"network_def": ')          # broken config: named
+    assert _predict(str(bad), inp, tmp_path / "out3") == 2
+    assert "inference.json: not valid JSON" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------------- bundle
@@ -329,3 +332,14 @@ def test_demo_cuda_without_cuda_fails_at_once(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "demo")
+
+
+def test_plan_with_bad_json(tmp_path, monkeypatch, capsys):
+    """Item 9: ``plan`` on a broken plans file: one line naming the file, exit 2."""
+    folder = tmp_path / "Dataset901_Sarcoma"
+    folder.mkdir()
+    (folder / "nnUNetPlans.json").write_text('{"configurations": ')
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    assert main(["plan", "901", "--arch", "umamba_bot"]) == 2
+    err = capsys.readouterr().err
+    assert "nnUNetPlans.json: not valid JSON" in err and "Traceback" not in err

@@ -86,10 +86,13 @@ class BundlePredictor:
         self.device = torch.device(device)
         cfg = os.path.join(bundle, "configs", "inference.json")
         parser = ConfigParser()
-        parser.read_config(cfg)
         meta = os.path.join(bundle, "configs", "metadata.json")
-        if os.path.isfile(meta):
-            parser.read_meta(meta)
+        for path, read in ((cfg, parser.read_config), (meta, parser.read_meta)):
+            if path == cfg or os.path.isfile(path):
+                try:
+                    read(path)
+                except ValueError as exc:     # json.JSONDecodeError: name the file
+                    raise ValueError(f"{path}: not valid JSON ({exc})") from None
         parser["bundle_root"] = os.path.abspath(bundle)
         parser["device"] = f"$torch.device('{device}')"
         if "data_device" in parser:
