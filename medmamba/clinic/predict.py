@@ -14,8 +14,10 @@ direction copied from the input), written atomically (temporary name, then ``os.
 is never replaced unless ``--overwrite``. A failing case is reported and the others still run;
 ``OUT/predict_log.json`` lists every case's status. Exit status: 0 when every case succeeded, 1 when any case
 failed (or existed without ``--overwrite``), 2 on usage errors (bad model folder, unwritable output, no input).
-Case names: NIfTI file name without ``.nii``/``.nii.gz`` (and without nnU-Net's ``_0000`` channel suffix);
-DICOM series: see :mod:`medmamba.clinic.imageio`.
+Case names: NIfTI file name without ``.nii``/``.nii.gz`` (and without nnU-Net's ``_0000`` channel suffix; for
+nnU-Net models every ``_NNNN`` is a channel, for bundles only ``_0000`` is dropped); DICOM series: see
+:mod:`medmamba.clinic.imageio`. Inputs are read through :func:`medmamba.clinic.imageio.read_case`, which refuses
+truncated files, NaN/inf voxels and DICOM series with missing slices (the case fails, the others run).
 """
 from __future__ import annotations
 
