@@ -166,6 +166,7 @@ def test_predict_damaged_and_renamed_inputs(real, tmp_path, capsys):
     _save(ct[:, :, 5], inp / "flat.nii.gz")                 # item 5: 2D
     vec = sitk.Compose(ct, ct)
     _save(vec, inp / "rgb.nii.gz")                          # item 5: 2 components per voxel
+    _save(sitk.JoinSeries([ct, ct]), inp / "series.nii.gz")  # item 5: 4D
     out = tmp_path / "out"
     assert _predict(bundle, inp, out) == 1
     log = json.loads((out / "predict_log.json").read_text())["cases"]
@@ -175,6 +176,7 @@ def test_predict_damaged_and_renamed_inputs(real, tmp_path, capsys):
     assert "NaN" in log["nan"]["error"]
     assert "2D" in log["flat"]["error"]
     assert "components" in log["rgb"]["error"]
+    assert "4D" in log["series"]["error"]
     assert not any("applying transform" in e.get("error", "") for e in log.values())
     assert sorted(p for p in os.listdir(out) if p.endswith(".nii.gz")) == ["case_0001.nii.gz", "case_0002.nii.gz"]
     mode = stat.S_IMODE(os.stat(out / "case_0001.nii.gz").st_mode)
@@ -346,3 +348,20 @@ def test_plan_with_bad_json(tmp_path, monkeypatch, capsys):
     assert main(["plan", "901", "--arch", "umamba_bot"]) == 2
     err = capsys.readouterr().err
     assert "nnUNetPlans.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_predict_ctrl_c(real, tmp_path, monkeypatch, capsys):
+    """Item 9: Ctrl-C in predict: one line, exit 130, no half-written output."""
+    _, ct, _, bundle = real
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _save(ct, inp / "a.nii.gz")
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imageio, "read_case", interrupt)
+    assert _predict(bundle, inp, tmp_path / "out") == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".nii.gz")]
