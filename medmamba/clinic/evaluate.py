@@ -15,7 +15,9 @@ prediction empty, reference not   0.0    null, flag ``hd95_undefined``    0.0
 Means per label are over the evaluated cases; the HD95 mean is over the cases where it is defined
 (``hd95_n`` says how many). Cases in REF without a prediction (``missing_pred``), predictions without a
 reference (``missing_ref``), unreadable files and cases whose geometry differs (``refused``) are listed in the
-outputs and left out of the means. Exit status: 0, or 1 when any case was refused or unreadable, 2 on usage
+outputs and left out of the means. Both files are read through :func:`medmamba.clinic.imageio.read_case`: a
+truncated file, NaN/inf voxels, or a reference/prediction with non-integer or negative values refuses the case.
+Exit status: 0, or 1 when any case was refused or unreadable or when no case was evaluated at all, 2 on usage
 errors (e.g. OUT/summary.json exists without ``--overwrite``).
 """
 from __future__ import annotations
@@ -95,6 +97,19 @@ def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing, nsd_tolerance: flo
     return out
 
 
+def label_map_problem(arr: np.ndarray) -> str | None:
+    """Why ``arr`` is not a label map (non-integer or negative values), or None."""
+    if np.issubdtype(arr.dtype, np.floating):
+        frac = arr != np.round(arr)
+        if frac.any():
+            vals = np.unique(arr[frac])[:3]
+            return (f"holds non-integer values ({int(frac.sum())} voxels, e.g. {', '.join(f'{v:g}' for v in vals)}): "
+                    "probabilities or an interpolated mask, not a label map")
+    if arr.size and arr.min() < 0:
+        return f"holds negative values (min {arr.min():g}), not a label map"
+    return None
+
+
 def _array_and_spacing(img):
     import SimpleITK as sitk
 
@@ -109,8 +124,9 @@ def evaluate_case(pred_img, ref_img, labels=None, nsd_tolerance=2.0, explicit=Tr
         return {"status": "refused", "reason": "geometry differs: " + "; ".join(problems)}
     pred, spacing = _array_and_spacing(pred_img)
     ref, _ = _array_and_spacing(ref_img)
-    if np.issubdtype(pred.dtype, np.floating) and not np.array_equal(pred, np.round(pred)):
-        return {"status": "refused", "reason": "prediction holds non-integer values (probabilities?), not a label map"}
+    for what, arr in (("prediction", pred), ("reference", ref)):
+        if problem := label_map_problem(arr):
+            return {"status": "refused", "reason": f"{what} {problem}"}
     pred_labels = sorted(int(v) for v in np.unique(pred) if v != 0)
     ref_labels = sorted(int(v) for v in np.unique(ref) if v != 0)
     use = labels if labels is not None else ref_labels
@@ -268,7 +284,8 @@ def evaluate(pred: str, ref: str, out: str, labels=None, nsd_tolerance: float = 
         found = set()
         for name in tqdm(common, desc="reference labels", unit="case", disable=not progress):
             try:
-                found |= {int(v) for v in np.unique(sitk.GetArrayFromImage(imageio.read_case(ref_cases[name])))}
+                found |= {int(v) for v in np.unique(sitk.GetArrayFromImage(imageio.read_case(ref_cases[name])))
+                          if v == int(v)}     # non-integer references are refused by the main loop
             except Exception:   # reported by the main loop
                 pass
         labels_used = sorted(found - {0})
@@ -347,4 +364,9 @@ def cmd_evaluate(args) -> int:
     for name in summary["refused"]:
         print(f"refused {name}: {summary['cases'][name]['reason']}", file=sys.stderr)
     print(f"wrote {os.path.join(args.out, 'summary.json')}, metrics.csv, report.html")
+    n_ok = sum(e["status"] == "ok" for e in summary["cases"].values())
+    if n_ok == 0:     # nothing evaluated is never a success (e.g. predict wrote nothing)
+        print(f"medmamba evaluate: error: no case evaluated ({len(summary['missing_pred'])} reference(s) without "
+              f"prediction, {len(summary['refused'])} refused): check --pred and --ref", file=sys.stderr)
+        return 1
     return 1 if summary["refused"] else 0

@@ -94,27 +94,46 @@ def find_cases(root: str, nifti: bool = True, dicom: bool = True) -> list[Case]:
     return sorted(cases, key=lambda c: c.name)
 
 
-def read_case(case: Case) -> sitk.Image:
-    """The case as a SimpleITK image (raises ``RuntimeError`` with the path on unreadable input)."""
+def read_case(case: Case, nonfinite: str = "refuse") -> sitk.Image:
+    """The case as a SimpleITK image, after checking it is complete (:mod:`medmamba.clinic.validate`).
+
+    Raises :class:`~medmamba.clinic.validate.VolumeError` (a ``ValueError``) naming the file for a truncated
+    NIfTI, a DICOM series with missing/uneven/truncated slices, or (``nonfinite="refuse"``) NaN/inf voxels;
+    ``RuntimeError`` with the path on other unreadable input. ``nonfinite="allow"`` skips the NaN/inf check
+    (SimpleITK then reads NaN as 0).
+    """
+    from medmamba.clinic import validate
+
+    if case.kind == "nifti":
+        problem = validate.nifti_problem(case.path)
+    else:
+        problem = validate.dicom_series_problem(case.files)
+    if problem:
+        raise validate.VolumeError(f"cannot read {case.describe()}: {problem}")
     try:
         if case.kind == "nifti":
-            return sitk.ReadImage(case.path)
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(case.files)
-        return reader.Execute()
+            img = sitk.ReadImage(case.path)
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(case.files)
+            img = reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise RuntimeError(f"cannot read {case.describe()}: {first[-1] if first else exc}") from None
+    if nonfinite == "refuse" and case.kind == "nifti" and (problem := validate.nifti_nonfinite_problem(case.path)):
+        raise validate.VolumeError(f"{case.describe()}: {problem}; refused (replace them, e.g. by the minimum "
+                                   f"intensity, and rerun)")
+    return img
 
 
-def read_image(path: str) -> sitk.Image:
+def read_image(path: str, nonfinite: str = "refuse") -> sitk.Image:
     """A NIfTI file or a folder holding exactly one DICOM series."""
     if os.path.isdir(path):
         cases = [c for c in find_cases(path, nifti=False) if os.path.samefile(c.path, path)]
         if len(cases) != 1:
             raise ValueError(f"{path}: expected one DICOM series, found {len(cases)}")
-        return read_case(cases[0])
-    return read_case(Case(case_name(path), "nifti", path))
+        return read_case(cases[0], nonfinite)
+    return read_case(Case(case_name(path), "nifti", path), nonfinite)
 
 
 def geometry(img: sitk.Image) -> dict:
@@ -159,6 +178,7 @@ def write_image_atomic(img: sitk.Image, path: str, overwrite: bool = False, comp
     os.close(fd)
     try:
         sitk.WriteImage(img, tmp, useCompression=compress)
+        os.chmod(tmp, 0o644 & ~_umask())      # mkstemp creates 0600: readable by others like any written file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -14,8 +14,10 @@ direction copied from the input), written atomically (temporary name, then ``os.
 is never replaced unless ``--overwrite``. A failing case is reported and the others still run;
 ``OUT/predict_log.json`` lists every case's status. Exit status: 0 when every case succeeded, 1 when any case
 failed (or existed without ``--overwrite``), 2 on usage errors (bad model folder, unwritable output, no input).
-Case names: NIfTI file name without ``.nii``/``.nii.gz`` (and without nnU-Net's ``_0000`` channel suffix);
-DICOM series: see :mod:`medmamba.clinic.imageio`.
+Case names: NIfTI file name without ``.nii``/``.nii.gz`` (and without nnU-Net's ``_0000`` channel suffix; for
+nnU-Net models every ``_NNNN`` is a channel, for bundles only ``_0000`` is dropped); DICOM series: see
+:mod:`medmamba.clinic.imageio`. Inputs are read through :func:`medmamba.clinic.imageio.read_case`, which refuses
+truncated files, NaN/inf voxels and DICOM series with missing slices (the case fails, the others run).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import traceback
 
 import numpy as np
 
-from medmamba.clinic import imageio
+from medmamba.clinic import imageio, validate
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -86,10 +88,13 @@ class BundlePredictor:
         self.device = torch.device(device)
         cfg = os.path.join(bundle, "configs", "inference.json")
         parser = ConfigParser()
-        parser.read_config(cfg)
         meta = os.path.join(bundle, "configs", "metadata.json")
-        if os.path.isfile(meta):
-            parser.read_meta(meta)
+        for path, read in ((cfg, parser.read_config), (meta, parser.read_meta)):
+            if path == cfg or os.path.isfile(path):
+                try:
+                    read(path)
+                except ValueError as exc:     # json.JSONDecodeError: name the file
+                    raise ValueError(f"{path}: not valid JSON ({exc})") from None
         parser["bundle_root"] = os.path.abspath(bundle)
         parser["device"] = f"$torch.device('{device}')"
         if "data_device" in parser:
@@ -190,15 +195,22 @@ class NnunetPredictor:
 _CHANNEL = re.compile(r"^(.*)_(\d{4})$")
 
 
-def group_cases(cases, n_channels: int = 1) -> dict:
-    """Case name -> list of input cases (one per channel). nnU-Net's ``_0000`` suffix is dropped from names."""
+def group_cases(cases, n_channels: int = 1, channel_suffix: bool = True) -> dict:
+    """Case name -> list of input cases (one per channel). nnU-Net's ``_0000`` suffix is dropped from names.
+
+    ``channel_suffix=False`` (MONAI bundles, one file per case): only ``_0000`` is dropped; any other ``_NNNN``
+    is part of the case name (``case_0001`` and ``case_0002`` are two cases). Two files claiming the same case and channel (``pat.nii.gz`` and ``pat_0000.nii.gz``) fail that
+    case instead of one silently replacing the other."""
     groups: dict = {}
+    clashes: dict = {}
     for c in cases:
         m = _CHANNEL.match(c.name) if c.kind == "nifti" else None
-        if m:
-            groups.setdefault(m.group(1), {})[int(m.group(2))] = c
-        else:
-            groups.setdefault(c.name, {})[0] = c
+        if m and not channel_suffix and m.group(2) != "0000":
+            m = None
+        name, chan = (m.group(1), int(m.group(2))) if m else (c.name, 0)
+        if chan in groups.setdefault(name, {}):
+            clashes.setdefault(name, [groups[name][chan].path]).append(c.path)
+        groups[name][chan] = c
     out = {}
     for name, chans in groups.items():
         missing = [i for i in range(n_channels) if i not in chans]
@@ -207,7 +219,11 @@ def group_cases(cases, n_channels: int = 1) -> dict:
                                      f"{name}_{n_channels - 1:04d}); found {sorted(chans)}"))
         if not missing and len(chans) > n_channels:
             out[name] = ValueError(f"{len(chans)} channel files for a {n_channels}-channel model")
+        if name in clashes:
+            out[name] = ValueError(f"several files are channel 0 of case {name!r}: "
+                                   f"{', '.join(os.path.basename(p) for p in clashes[name])}; rename or remove one")
     return dict(sorted(out.items()))
+
 
 
 def predict(model: str, input: str, output: str, device: str | None = None, overwrite: bool = False,
@@ -230,15 +246,20 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
     if kind == "nnunet":
         with open(os.path.join(model, "dataset.json")) as f:
             n_channels = len(json.load(f)["channel_names"])
-    groups = group_cases(cases, n_channels)
+    groups = group_cases(cases, n_channels, channel_suffix=kind == "nnunet")
     todo = [n for n, g in groups.items()
             if not isinstance(g, Exception) and (overwrite or not os.path.exists(os.path.join(output, f"{n}.nii.gz")))]
     runner = None
     if todo:    # load the model only when there is work for it
-        if kind == "bundle":
-            runner = BundlePredictor(model, device)
-        else:
-            runner = NnunetPredictor(model, device, folds=folds, checkpoint=checkpoint, mirroring=mirroring)
+        try:
+            if kind == "bundle":
+                runner = BundlePredictor(model, device)
+            else:
+                runner = NnunetPredictor(model, device, folds=folds, checkpoint=checkpoint, mirroring=mirroring)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as exc:   # corrupt or mismatched weights, broken config: one line naming the model
+            raise ValueError(f"cannot load the model {model}: {validate.error_message(exc)}") from None
     log = {}
     bar = tqdm(groups.items(), desc="predict", unit="case", disable=not progress)
     for name, group in bar:
@@ -256,7 +277,10 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             continue
         start = time.perf_counter()
         try:
-            images = [imageio.read_case(c) for c in group]
+            images = [imageio.read_case(c) for c in group]      # refuses truncated files, NaN/inf, slice gaps
+            for c, im in zip(group, images):
+                if problem := validate.shape_problem(im, n_channels):
+                    raise validate.VolumeError(f"{c.describe()} {problem}")
             if kind == "bundle":
                 if group[0].kind == "nifti":
                     seg = runner(group[0].path, images[0])
@@ -271,13 +295,23 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             entry.update(status="ok", seconds=round(time.perf_counter() - start, 2),
                          labels=sorted(int(v) for v in np.unique(seg)))
         except Exception as exc:   # report, go on with the other cases
-            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            entry.update(status="failed", error=validate.error_message(exc))
             if os.environ.get("MEDMAMBA_DEBUG"):
                 entry["traceback"] = traceback.format_exc()
             tqdm.write(f"FAILED {name}: {entry['error']}", file=sys.stderr)
+    log_path = os.path.join(output, "predict_log.json")
+    if os.path.isfile(log_path):   # a rerun keeps what earlier runs recorded for the cases it skipped
+        try:
+            with open(log_path) as f:
+                previous = json.load(f).get("cases", {})
+        except (OSError, ValueError, AttributeError):
+            previous = {}
+        for name, entry in log.items():
+            if entry["status"] == "exists" and isinstance(previous.get(name), dict):
+                entry["previous"] = previous[name]
     report = {"model": os.path.abspath(model), "model_kind": kind, "device": device, "input": os.path.abspath(input),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cases": log}
-    imageio.write_text_atomic(os.path.join(output, "predict_log.json"), json.dumps(report, indent=2) + "\n")
+    imageio.write_text_atomic(log_path, json.dumps(report, indent=2) + "\n")
     return log
 
 
@@ -288,6 +322,10 @@ def cmd_predict(args) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"medmamba predict: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # outputs are written atomically: finished cases are complete, nothing half-written
+        print("medmamba predict: interrupted; the segmentations written so far are complete, rerun to do the rest",
+              file=sys.stderr)
+        return 130
     bad = {n: e for n, e in log.items() if e["status"] != "ok"}
     print(f"{len(log) - len(bad)}/{len(log)} case(s) written to {args.output}")
     for name, e in bad.items():

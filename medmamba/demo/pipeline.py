@@ -55,6 +55,11 @@ def run_demo(out: str, data: str | None = None, device: str = "cpu", trainer: st
     from medmamba.clinic.evaluate import evaluate
     from medmamba.nnunet import dataset as nn
 
+    if device == "cuda":   # fail at once, not after minutes of planning
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available here (use --device cpu)")
     out_dir = Path(out).resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:

@@ -31,7 +31,12 @@ def _image_problem(path: str, num_channels: int, spatial_dims: int = 3) -> str |
         shape = tuple(int(s) for s in nib.load(path).header.get_data_shape())
     except Exception as exc:  # nibabel's own message, with the file name in front
         return f"cannot read the NIfTI header ({type(exc).__name__}: {exc})"
-    return _shape_problem(shape, num_channels, spatial_dims, channel_last=True)
+    problem = _shape_problem(shape, num_channels, spatial_dims, channel_last=True)
+    if problem is None:   # complete? (SimpleITK and nibabel's lazy proxies would not notice a truncated file)
+        from medmamba.clinic import validate
+
+        problem = validate.nifti_problem(path)
+    return problem
 
 
 def _shape_problem(shape: tuple, num_channels: int, spatial_dims: int, channel_last: bool) -> str | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 
 from medmamba.monai.checks import BundleError
@@ -37,6 +38,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("input", help="folder of NIfTI files, or one file")
     r.add_argument("output", help="output folder")
     r.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: CUDA if available)")
+    r.add_argument("--overwrite", action="store_true", help="replace existing <case>_seg.nii.gz outputs")
     r.set_defaults(func=_cmd_run)
 
     v = sub.add_parser("verify", help="check the metadata keys and run MONAI's verify_net_in_out")
@@ -60,20 +62,32 @@ def _cmd_create(args) -> int:
                             labels=args.labels, overwrite=args.overwrite)
     except (BundleError, json.JSONDecodeError) as exc:
         return _fail(exc)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        # a garbage --checkpoint, an unwritable parent folder, a network that cannot be built
+        from medmamba.clinic.validate import error_message
+
+        return _fail(BundleError(f"bundle create {args.out}: {error_message(exc)}"))
     print(f"bundle written to {out}")
     return 0
 
 
 def _cmd_run(args) -> int:
     try:
-        run_bundle(args.bundle, args.input, args.output, device=args.device)
+        status = run_bundle(args.bundle, args.input, args.output, device=args.device, overwrite=args.overwrite)
     except (BundleError, FileNotFoundError) as exc:
         return _fail(exc)
     except ValueError as exc:
         if "bad input image" in str(exc) or "no NIfTI files" in str(exc):
             return _fail(exc)
         raise
-    return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    bad = {f: s for f, s in status.items() if s != "ok"}
+    for f, s in bad.items():
+        print(f"{s.split(':')[0].upper()} {f}: {s.split(': ', 1)[1]}", file=sys.stderr)
+    print(f"{len(status) - len(bad)}/{len(status)} image(s) segmented into {args.output}")
+    return 1 if bad else 0
 
 
 def _cmd_verify(args) -> int:

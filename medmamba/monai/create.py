@@ -532,6 +532,8 @@ def create_bundle(out: str | os.PathLike, arch: str | None = None, in_channels: 
             raise BundleError("--arch, --in-channels and --out-channels are required unless --checkpoint is an "
                               "nnU-Net checkpoint")
         in_channels, out_channels = int(in_channels), int(out_channels)
+        if in_channels < 1 or out_channels < 1:
+            raise BundleError(f"--in-channels and --out-channels must be at least 1, got {in_channels} and {out_channels}")
         try:
             cls = nets.get_class(arch)
         except KeyError as exc:

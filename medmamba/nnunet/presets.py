@@ -292,8 +292,13 @@ def write_preset_plans(dataset: str | int, arch: str, *, source_plans: str = "nn
     dst = folder / f"{name}.json"
     if dst.exists() and not overwrite:
         raise PresetError(f"{dst} exists; pass --overwrite to replace it")
-    with open(src) as f:
-        plans = json.load(f)
+    try:
+        with open(src) as f:
+            plans = json.load(f)
+    except ValueError as exc:     # json.JSONDecodeError
+        raise PresetError(f"{src}: not valid JSON ({exc})") from None
+    if not isinstance(plans, dict) or not isinstance(plans.get("configurations"), dict):
+        raise PresetError(f"{src}: not nnU-Net plans (no 'configurations')")
     new = apply_preset(plans, arch, configurations=configurations, plans_name=name, **overrides)
     _atomic_write_json(new, dst)
     return dst

@@ -76,7 +76,7 @@ def cmd_pretrain(args) -> int:
         save_every=args.save_every, amp=False if args.no_amp else None, progress=not args.no_progress)
     try:
         summary = run_pretraining(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as exc:
+    except (ValueError, OSError, RuntimeError, NotImplementedError) as exc:   # OSError: e.g. a read-only --out
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises the same error: say it once
             print(f"medmamba pretrain: error: {exc}", file=sys.stderr)
         return 2

@@ -212,7 +212,26 @@ def discover_ct(folders: Sequence[str] | str, include: Sequence[str] | None = No
                 if key not in seen:
                     seen.add(key)
                     found.items.append(item)
+    good = []
+    for item in found.items:     # damaged volumes are skipped here, listed once, not counted as CT volumes
+        why = damage(item)
+        if why:
+            found.skipped.append((item.describe(), f"damaged: {why}"))
+        else:
+            good.append(item)
+    found.items = good
     return found
+
+
+def damage(item: CTItem) -> str | None:
+    """Why a volume cannot be used (truncated file, NaN/inf voxels, DICOM slices missing), or None.
+
+    The checks of :mod:`medmamba.clinic.validate`, shared with ``predict`` and ``evaluate``."""
+    from medmamba.clinic import validate
+
+    if item.kind == "nifti":
+        return validate.nifti_problem(item.path) or validate.nifti_nonfinite_problem(item.path)
+    return validate.dicom_series_problem(list(item.files))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,8 +250,12 @@ def load_ct(item: CTItem | str):
     if isinstance(item, str):
         item = CTItem(item, "nifti")
     if item.kind == "nifti":
-        return LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
-                         dtype=np.float32)(item.path)
+        img = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
+                        dtype=np.float32)(item.path)
+        n_bad = int((~torch.isfinite(img)).sum())
+        if n_bad:   # discover_ct skips such files; this guards volumes given directly
+            raise ValueError(f"{item.describe()}: {n_bad} voxels are NaN or infinite")
+        return img
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()

@@ -204,7 +204,14 @@ def _prepare_out(cfg: PretrainConfig) -> Optional[dict]:
     if cfg.resume:
         if not os.path.exists(latest):
             raise FileNotFoundError(f"--resume: there is no {latest} to resume from")
-        return torch.load(latest, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(latest, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"--resume: cannot read {latest} ({type(exc).__name__}: {exc})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
+            raise ValueError(f"--resume: {latest} is not a medmamba pretraining checkpoint (format "
+                             f"{CHECKPOINT_FORMAT!r}); use another --out or --overwrite to start again")
+        return ckpt
     if existing and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} already holds a pretraining run ({', '.join(map(os.path.basename, existing))}); "
                               f"use --resume to continue it or --overwrite to start again")
@@ -235,9 +242,10 @@ def _restore_config(cfg: PretrainConfig, stored: dict) -> None:
         value = getattr(cfg, f.name)
         given = describe(value) != describe(default)
         if f.name in _MODEL_KEYS:
-            if given and describe(value) != stored[f.name]:
-                warnings.warn(f"--resume: {f.name}={value!r} differs from the stored {stored[f.name]!r}; "
-                              f"keeping the stored value (it defines the model)")
+            if given and describe(value) != stored[f.name]:   # refuse: training the stored model under the
+                raise ValueError(                              # new name would replace its checkpoint_final
+                    f"--resume: {f.name}={value!r} differs from the stored run's {stored[f.name]!r} in {cfg.out}; "
+                    f"resume with the stored value, or start a new run (another --out, or --overwrite)")
             setattr(cfg, f.name, stored[f.name])
         elif not given:
             setattr(cfg, f.name, stored[f.name])
