@@ -13,7 +13,7 @@ from medmamba.cross_scan import CrossScan
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 from medmamba.nets.vm_unet_mhs import (_check_sequence, native_scales, trunc_normal_linear_init,
                                        validate_plans_topology)
-from medmamba.nets.vss import Mlp, VSSBlock
+from medmamba.nets.vss import Mlp, VSSBlock, _pixel_shuffle_last
 
 __all__ = ["MSVMUNet", "LKPE", "FLKPE", "MSFFN", "pixel_shuffle_nd"]
 
@@ -63,7 +63,8 @@ class _ConvDown(nn.Module):
 class LKPE(nn.Module):
     """Large-kernel patch expanding, channels-last in and out (B, *S, dim_in) -> (B, *S * scale, dim_out):
     1x1 conv dim_in -> scale^d * dim_out (bias) - BatchNorm - ReLU - depthwise 3^d conv (bias) - pixel
-    shuffle by ``scale`` - LayerNorm(dim_out). In 2D with dim_out = dim_in / 2 the expansion is
+    shuffle by ``scale`` (channel = (r0, r1[, r2], c), c fastest, as the official einops rearrange) -
+    LayerNorm(dim_out). In 2D with dim_out = dim_in / 2 the expansion is
     dim_in -> 2 dim_in, as published; in 3D it is dim_in -> 4 dim_in."""
 
     def __init__(self, dim_in: int, dim_out: int, spatial_dims: int, scale: int = 2):
@@ -78,8 +79,10 @@ class LKPE(nn.Module):
         self.norm = nn.LayerNorm(dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = pixel_shuffle_nd(self.expand(x.movedim(-1, 1)), self.scale)
-        return self.norm(y.movedim(1, -1))
+        # sub-pixel layout as published (einops 'b h w (p1 p2 c) -> b (h p1) (w p2) c'): the channel index
+        # is (r0, r1[, r2], c) with c fastest -- NOT torch's pixel_shuffle layout (c, r0, r1).
+        y = _pixel_shuffle_last(self.expand(x.movedim(-1, 1)).movedim(1, -1), self.scale, x.dim() - 2)
+        return self.norm(y)
 
 
 class FLKPE(nn.Module):
