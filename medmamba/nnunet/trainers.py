@@ -275,9 +275,18 @@ class nnUNetTrainerMedMamba(nnUNetTrainer):
         self._update_encoder_freeze()
         super().on_train_epoch_start()
 
+    FREEZE_MODULES: tuple | None = None  # submodules frozen by FREEZE_ENCODER_EPOCHS (None: the encoder modules)
+
     def _encoder_modules(self):
         net = _pretrained.unwrap(self.network)
-        return [net.get_submodule(m) for m in ENCODER_MODULES.get(self.arch, ("encoder",)) if hasattr(net, m)]
+        names = self.FREEZE_MODULES or ENCODER_MODULES.get(self.arch, ("encoder",))
+        out = []
+        for m in names:
+            try:
+                out.append(net.get_submodule(m))
+            except AttributeError:
+                continue
+        return out
 
     def _update_encoder_freeze(self):
         want = (self.FREEZE_ENCODER_EPOCHS > 0 and self.current_epoch < self.FREEZE_ENCODER_EPOCHS
@@ -372,6 +381,9 @@ class nnUNetTrainerSwinUMamba(nnUNetTrainerMedMamba):
     LR_SCHEDULE, MIN_LR = "cosine", 1e-6
     DEEP_SUPERVISION = True
     FREEZE_ENCODER_EPOCHS = 10
+    # as SwinUMamba.freeze_encoder (JiarunLiu/Swin-UMamba @ 50eecc89): the VSS stages and merging layers;
+    # the conv stem and the patch embedding (not ImageNet weights) keep training
+    FREEZE_MODULES = ("encoder.layers", "encoder.downsamples")
 
 
 class nnUNetTrainerSwinUMambaD(nnUNetTrainerSwinUMamba):

@@ -35,7 +35,9 @@ __all__ = ["MambaMIM", "LightDecoder", "export_network_weights"]
 
 
 def _conv_bn_relu(c_in, c_out):
-    return [nn.Conv3d(c_in, c_out, 3, padding=1, bias=True), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+    # The published convs carry a bias before the BatchNorm, which the norm removes (same function); it is
+    # left out here: its gradient is zero up to rounding, and AdamW would turn that noise into lr-sized steps.
+    return [nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
 
 
 class LightDecoder(nn.Module):
