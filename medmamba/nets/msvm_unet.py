@@ -13,7 +13,7 @@ from medmamba.cross_scan import CrossScan
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 from medmamba.nets.vm_unet_mhs import (_check_sequence, native_scales, trunc_normal_linear_init,
                                        validate_plans_topology)
-from medmamba.nets.vss import Mlp, VSSBlock, _pixel_shuffle_last
+from medmamba.nets.vss import Mlp, VSSBlock
 
 __all__ = ["MSVMUNet", "LKPE", "FLKPE", "MSFFN", "pixel_shuffle_nd"]
 
@@ -38,6 +38,23 @@ def pixel_shuffle_nd(x: torch.Tensor, scale: int) -> torch.Tensor:
     order = [0, 1]
     for i in range(n):
         order += [2 + n + i, 2 + i]
+    return x.permute(order).reshape(b, c, *[s * scale for s in spatial])
+
+
+def _sub_pixel_cf(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Channels-first sub-pixel expansion with MSVM-UNet's channel layout: (B, r^d * C, *S) -> (B, C, *S * r),
+    input channel ``((r0 * r + r1)[* r + r2]) * C + c`` going to sub-position (r0, r1[, r2]) of channel c
+    (the official einops 'b h w (p1 p2 c) -> b (h p1) (w p2) c'). Same numbers as
+    ``vss._pixel_shuffle_last`` on the channels-last tensor; done channels-first so that the gradient
+    reaching the convolutions (and a SyncBatchNorm under DDP) stays in the standard memory format."""
+    b, c_all, *spatial = x.shape
+    n = len(spatial)
+    c = c_all // scale ** n
+    x = x.reshape(b, *([scale] * n), c, *spatial)
+    # (B, r0, r1, [r2,] C, s0, s1, [s2]) -> (B, C, s0, r0, s1, r1, [s2, r2])
+    order = [0, 1 + n]
+    for i in range(n):
+        order += [2 + n + i, 1 + i]
     return x.permute(order).reshape(b, c, *[s * scale for s in spatial])
 
 
@@ -81,8 +98,8 @@ class LKPE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # sub-pixel layout as published (einops 'b h w (p1 p2 c) -> b (h p1) (w p2) c'): the channel index
         # is (r0, r1[, r2], c) with c fastest -- NOT torch's pixel_shuffle layout (c, r0, r1).
-        y = _pixel_shuffle_last(self.expand(x.movedim(-1, 1)).movedim(1, -1), self.scale, x.dim() - 2)
-        return self.norm(y)
+        y = _sub_pixel_cf(self.expand(x.movedim(-1, 1)), self.scale)
+        return self.norm(y.movedim(1, -1))
 
 
 class FLKPE(nn.Module):
