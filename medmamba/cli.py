@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     monai_cli.add_parser(sub)
     evaluate.add_parser(sub)
     predict.add_parser(sub)
+    __import__("medmamba.weights.cli", fromlist=["add_parser"]).add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

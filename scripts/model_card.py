@@ -281,6 +281,9 @@ def markdown(rows, argv, wall) -> str:
     return "\n".join(lines)
 
 
+FAITHFULNESS_MARKER = "## Faithfulness to the official code"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "model_card.md"))
@@ -299,8 +302,14 @@ def main(argv=None):
     print()
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    kept = ""  # the hand-written faithfulness section (from FAITHFULNESS_MARKER on) survives regeneration
+    if os.path.exists(args.out):
+        with open(args.out) as fh:
+            old = fh.read()
+        if FAITHFULNESS_MARKER in old:
+            kept = "\n" + old[old.index(FAITHFULNESS_MARKER):].rstrip("\n") + "\n"
     with open(args.out, "w") as fh:
-        fh.write(text + "\n")
+        fh.write(text + "\n" + kept)
     print(f"wrote {args.out}")
 
 

@@ -230,7 +230,10 @@ def test_swin_umamba_freezes_a_pretrained_encoder(nnunet_paths, tmp_path):
     torch.save({"network_weights": enc}, tmp_path / "enc.pth")
     tr.load_pretrained_weights(str(tmp_path / "enc.pth"))
     tr._update_encoder_freeze()
-    assert not any(p.requires_grad for p in tr.network.encoder.parameters())
+    # as SwinUMamba.freeze_encoder: the VSS stages and merging layers; stem and patch embedding train
+    enc = tr.network.encoder
+    assert not any(p.requires_grad for m in (enc.layers, enc.downsamples) for p in m.parameters())
+    assert all(p.requires_grad for m in (enc.stem, enc.patch_embed) for p in m.parameters())
     assert all(p.requires_grad for p in tr.network.decoder.parameters())
     tr.current_epoch = tr.FREEZE_ENCODER_EPOCHS
     tr._update_encoder_freeze()

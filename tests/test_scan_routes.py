@@ -82,7 +82,8 @@ def test_mhs_routes_2d_exact():
     assert torch.equal(route_permutation((h, w), "diag_mirror"), mirror)
     # Clockwise spiral, outside in, starting top-left.
     assert route_permutation((h, w), "spiral").tolist() == [0, 1, 2, 3, 7, 11, 10, 9, 8, 4, 5, 6]
-    assert route_permutation((h, w), "spiral_mirror").tolist() == [3, 2, 1, 0, 4, 8, 9, 10, 11, 7, 6, 5]
+    # Its mirror flips the ROWS, as MHS-VM's routegen.py (sscan_1: i -> h - 1 - i): starts bottom-left.
+    assert route_permutation((h, w), "spiral_mirror").tolist() == [8, 9, 10, 11, 7, 3, 2, 1, 0, 4, 5, 6]
     assert set(MHS_FAMILIES) == {"snake", "diagonal", "spiral", "raster"}
     assert all(len(v) == 2 for v in MHS_FAMILIES.values())
 

@@ -38,7 +38,9 @@ raster order; every route is a bijection for any shape, including size-1 axes):
   (right, down, left, up, next ring). 3D: the 2D spiral of every (H, W) slice, slices taken along
   axis 0, alternately outside-in (even slices) and inside-out (odd slices, the inward spiral read
   backwards) so the sequence stays continuous across slices. ``"spiral_mirror"``: the same on the grid
-  mirrored along the last axis (counter-clockwise, starting at the top-right corner).
+  mirrored along the ROW axis (axis -2: the rows are flipped, as MHS-VM's ``routegen.py`` does for its
+  second spiral: counter-clockwise, starting at the bottom-left corner and going right along the last
+  row).
 * ``"raster_rows"`` == ``"raster"``; ``"raster_cols"``: the transposed raster (axis 0 fastest, the last
   axis slowest); 2D: column-major.
 """
@@ -142,9 +144,9 @@ def _spiral(shape):
     return np.concatenate(slices).astype(np.int64)
 
 
-def _mirror_last(shape, perm):
+def _mirror_last(shape, perm, axis=-1):
     coords = list(np.unravel_index(perm, shape))
-    coords[-1] = shape[-1] - 1 - coords[-1]
+    coords[axis] = shape[axis] - 1 - coords[axis]
     return _raster_index(shape, coords)
 
 
@@ -170,7 +172,7 @@ def _build(shape, base):
     if base == "spiral":
         return _spiral(shape)
     if base == "spiral_mirror":
-        return _mirror_last(shape, _spiral(shape))
+        return _mirror_last(shape, _spiral(shape), axis=-2)  # MHS-VM mirrors the rows (h - 1 - i)
     raise ValueError(f"unknown scan route {base!r}; available for {n}D: {', '.join(available_routes(n))} "
                      f"(each also with a '_rev' suffix)")
 

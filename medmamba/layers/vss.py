@@ -12,7 +12,11 @@ API (stable):
   kernel = stride = patch_size, then LayerNorm; (B, C_in, *S) -> (B, *S/p, embed_dim).
 * ``PatchMerging(dim, spatial_dims=3, out_dim=None)``: concatenates each 2^d neighbourhood,
   LayerNorm(2^d dim), Linear(2^d dim -> out_dim = 2 dim, no bias); odd sizes are zero-padded first.
-  (B, *S, dim) -> (B, *ceil(S/2), out_dim).
+  (B, *S, dim) -> (B, *ceil(S/2), out_dim). Neighbour order as VMamba's / Swin-UMamba's / MHS-VM's
+  ``PatchMerging2D``: the FIRST spatial axis varies fastest, 2D: x[0::2, 0::2], x[1::2, 0::2],
+  x[0::2, 1::2], x[1::2, 1::2] (``merge_order(spatial_dims)``); 3D: the same rule, (d, h, w) offsets
+  (0,0,0), (1,0,0), (0,1,0), (1,1,0), (0,0,1), ..., so 3D block 2k + i is 2D block k at depth offset i
+  (what ``medmamba.weights`` uses to inflate 2D merging weights).
 * ``PatchExpand(dim, spatial_dims=3, scale=2, out_dim=None)``: Linear(dim -> scale^d * out_dim, no bias)
   then pixel shuffle by ``scale`` per axis, then LayerNorm(out_dim). Default out_dim = dim // 2 for
   scale 2 (2D: Linear dim -> 2 dim; 3D: Linear dim -> 4 dim), and dim // scale in general.
@@ -21,7 +25,7 @@ API (stable):
   out_dim = dim // 4 (2D: Linear dim -> 4 dim as in VM-UNet; 3D: Linear dim -> 16 dim).
 * ``Mlp(dim, hidden_dim, act=nn.GELU, drop=0.0)``: Linear - act - Linear (channels-last).
 * ``VSSBlock(dim, spatial_dims=3, drop_path=0.0, mixer=None, mlp_ratio=0.0, ffn=None, d_state=16,
-  norm_eps=1e-6, **mixer_kwargs)``: ``x = x + DropPath(mixer(LN(x)))`` and, when ``mlp_ratio > 0`` or
+  norm_eps=1e-5, **mixer_kwargs)``: ``x = x + DropPath(mixer(LN(x)))`` and, when ``mlp_ratio > 0`` or
   ``ffn`` is given, ``x = x + DropPath(ffn(LN(x)))``. ``mixer``: None -> ``CrossScan(dim, spatial_dims,
   d_state=d_state, **mixer_kwargs)``; an ``nn.Module`` (channels-last in and out); or a callable
   ``(dim, spatial_dims) -> nn.Module``. ``ffn``: None -> ``Mlp(dim, int(dim * mlp_ratio))`` when
@@ -32,6 +36,7 @@ API (stable):
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Sequence
 
 import torch
@@ -42,7 +47,7 @@ from monai.networks.layers import DropPath
 from medmamba.layers.cross_scan import CrossScan
 
 __all__ = ["FinalPatchExpand", "Mlp", "PatchEmbed", "PatchExpand", "PatchMerging", "VSSBlock", "VSSLayer",
-           "to_channels_first", "to_channels_last"]
+           "merge_order", "to_channels_first", "to_channels_last"]
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +110,18 @@ class PatchMerging(nn.Module):
             pad += [0, s % 2]
         if any(pad):
             x = F.pad(x, [0, 0] + pad)
-        x = _space_to_depth_last(x, 2, self.spatial_dims)
+        x = torch.cat([x[(slice(None),) + tuple(slice(o, None, 2) for o in offsets)]
+                       for offsets in merge_order(self.spatial_dims)], dim=-1)
         return self.reduction(self.norm(x))
+
+
+def merge_order(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Neighbour offsets of ``PatchMerging``'s channel blocks, in order: the first axis varies fastest.
+
+    2D: [(0, 0), (1, 0), (0, 1), (1, 1)] as VMamba's ``PatchMerging2D`` (x0 = x[0::2, 0::2], x1 =
+    x[1::2, 0::2], x2 = x[0::2, 1::2], x3 = x[1::2, 1::2]).
+    """
+    return [tuple(reversed(o)) for o in itertools.product((0, 1), repeat=spatial_dims)]
 
 
 def _space_to_depth_last(x: torch.Tensor, scale: int, spatial_dims: int) -> torch.Tensor:
@@ -188,10 +203,15 @@ def _make(spec, dim, spatial_dims):
 
 
 class VSSBlock(nn.Module):
-    """x + DropPath(mixer(LN x)) [then x + DropPath(ffn(LN x))]; channels-last."""
+    """x + DropPath(mixer(LN x)) [then x + DropPath(ffn(LN x))]; channels-last.
+
+    LayerNorm eps 1e-5: the official VMamba / Swin-UMamba / MSVM-UNet / MHS-VM layers pass
+    ``norm_layer=nn.LayerNorm`` to their blocks (the 1e-6 default of VMamba's ``VSSBlock`` signature is
+    overridden there).
+    """
 
     def __init__(self, dim: int, spatial_dims: int = 3, drop_path: float = 0.0, mixer=None, mlp_ratio: float = 0.0,
-                 ffn=None, d_state: int = 16, norm_eps: float = 1e-6, **mixer_kwargs):
+                 ffn=None, d_state: int = 16, norm_eps: float = 1e-5, **mixer_kwargs):
         super().__init__()
         _check_dims("VSSBlock", spatial_dims)
         self.dim = dim

@@ -41,6 +41,23 @@ def pixel_shuffle_nd(x: torch.Tensor, scale: int) -> torch.Tensor:
     return x.permute(order).reshape(b, c, *[s * scale for s in spatial])
 
 
+def _sub_pixel_cf(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Channels-first sub-pixel expansion with MSVM-UNet's channel layout: (B, r^d * C, *S) -> (B, C, *S * r),
+    input channel ``((r0 * r + r1)[* r + r2]) * C + c`` going to sub-position (r0, r1[, r2]) of channel c
+    (the official einops 'b h w (p1 p2 c) -> b (h p1) (w p2) c'). Same numbers as
+    ``vss._pixel_shuffle_last`` on the channels-last tensor; done channels-first so that the gradient
+    reaching the convolutions (and a SyncBatchNorm under DDP) stays in the standard memory format."""
+    b, c_all, *spatial = x.shape
+    n = len(spatial)
+    c = c_all // scale ** n
+    x = x.reshape(b, *([scale] * n), c, *spatial)
+    # (B, r0, r1, [r2,] C, s0, s1, [s2]) -> (B, C, s0, r0, s1, r1, [s2, r2])
+    order = [0, 1 + n]
+    for i in range(n):
+        order += [2 + n + i, 1 + i]
+    return x.permute(order).reshape(b, c, *[s * scale for s in spatial])
+
+
 class _LayerNormCF(nn.LayerNorm):
     """LayerNorm over the channel axis of a channels-first tensor (B, C, *S)."""
 
@@ -63,7 +80,8 @@ class _ConvDown(nn.Module):
 class LKPE(nn.Module):
     """Large-kernel patch expanding, channels-last in and out (B, *S, dim_in) -> (B, *S * scale, dim_out):
     1x1 conv dim_in -> scale^d * dim_out (bias) - BatchNorm - ReLU - depthwise 3^d conv (bias) - pixel
-    shuffle by ``scale`` - LayerNorm(dim_out). In 2D with dim_out = dim_in / 2 the expansion is
+    shuffle by ``scale`` (channel = (r0, r1[, r2], c), c fastest, as the official einops rearrange) -
+    LayerNorm(dim_out). In 2D with dim_out = dim_in / 2 the expansion is
     dim_in -> 2 dim_in, as published; in 3D it is dim_in -> 4 dim_in."""
 
     def __init__(self, dim_in: int, dim_out: int, spatial_dims: int, scale: int = 2):
@@ -78,7 +96,9 @@ class LKPE(nn.Module):
         self.norm = nn.LayerNorm(dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = pixel_shuffle_nd(self.expand(x.movedim(-1, 1)), self.scale)
+        # sub-pixel layout as published (einops 'b h w (p1 p2 c) -> b (h p1) (w p2) c'): the channel index
+        # is (r0, r1[, r2], c) with c fastest -- NOT torch's pixel_shuffle layout (c, r0, r1).
+        y = _sub_pixel_cf(self.expand(x.movedim(-1, 1)), self.scale)
         return self.norm(y.movedim(1, -1))
 
 

@@ -10,7 +10,8 @@
   stages (deepest first) ceil((n-1)/2 + 0.5) .. n-2 get 1 block (``published_block_schedule=False``
   keeps the plans' numbers);
 * decoder: nearest upsampling by the stride + 1x1 conv to the skip width, concatenation with the skip,
-  residual blocks, a 1x1 head per stage; with ``deep_supervision`` the outputs come as a list, highest
+  residual blocks, a 1x1 head per stage; the 2D code leaves the full-resolution skip out of its last
+  stage (``concat_full_resolution_skip``, default as published per dimension); with ``deep_supervision`` the outputs come as a list, highest
   resolution first, otherwise one tensor of logits (no softmax).
 
 Module names follow the published code (``encoder.stem``, ``encoder.stages``, ``encoder.mamba_layers``,
@@ -154,8 +155,11 @@ class UMambaDecoder(DeepSupervisionSwitch, nn.Module):
     """
 
     def __init__(self, encoder: UMambaEncoder, num_classes: int, n_conv_per_stage: Sequence[int],
-                 deep_supervision: bool = False):
+                 deep_supervision: bool = False, concat_full_resolution_skip: bool = True):
         super().__init__()
+        # The published 2D code (UMambaBot_2d.py / UMambaEnc_2d.py) does not concatenate the highest-
+        # resolution skip in its last decoder stage (input C0, not 2 C0); the 3D code does.
+        self.concat_full_resolution_skip = bool(concat_full_resolution_skip)
         self.deep_supervision = deep_supervision
         self.encoder = encoder  # as in dynamic_network_architectures: the decoder reads the encoder's layout
         self.num_classes = num_classes
@@ -172,8 +176,9 @@ class UMambaDecoder(DeepSupervisionSwitch, nn.Module):
             below, skip = encoder.output_channels[-s], encoder.output_channels[-(s + 1)]
             kernel = encoder.kernel_sizes[-(s + 1)]
             upsample_layers.append(NearestUpsampleConv(conv_op, below, skip, encoder.strides[-s]))
+            concat = s < n_enc - 1 or self.concat_full_resolution_skip
             stages.append(nn.Sequential(
-                ResidualBlock(conv_op, 2 * skip, skip, kernel, 1, projection=True, **common),
+                ResidualBlock(conv_op, (2 if concat else 1) * skip, skip, kernel, 1, projection=True, **common),
                 *[BasicBlockD(conv_op, skip, skip, kernel, 1, **common) for _ in range(n_conv_per_stage[s - 1] - 1)]))
             seg_layers.append(conv_op(skip, num_classes, 1, 1, 0, bias=True))
         self.upsample_layers = nn.ModuleList(upsample_layers)
@@ -190,7 +195,9 @@ class UMambaDecoder(DeepSupervisionSwitch, nn.Module):
         for s, stage in enumerate(self.stages):
             skip = skips[-(s + 2)]
             x = self.upsample_layers[s](x, size=skip.shape[2:])
-            x = stage(torch.cat((x, skip), dim=1))
+            if s < len(self.stages) - 1 or self.concat_full_resolution_skip:
+                x = torch.cat((x, skip), dim=1)
+            x = stage(x)
             if self.deep_supervision:
                 outputs.append(self.seg_layers[s](x))
             elif s == len(self.stages) - 1:
@@ -244,6 +251,7 @@ class _UMamba(AbstractDynamicNetworkArchitectures):
                  kernel_sizes=3, strides=None, n_blocks_per_stage=None, n_conv_per_stage_decoder=None,
                  deep_supervision: bool = False, patch_size: Sequence[int] | int | None = None,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, published_block_schedule: bool = True,
+                 concat_full_resolution_skip: bool | None = None,
                  # nnU-Net / dynamic_network_architectures names
                  input_channels: int | None = None, num_classes: int | None = None, n_stages: int | None = None,
                  conv_op=None, n_conv_per_stage=None, conv_bias: bool = True, norm_op=None,
@@ -338,7 +346,11 @@ class _UMamba(AbstractDynamicNetworkArchitectures):
                                      mamba_layers=enc_mamba)
         if self._placement == "bottleneck":
             self.mamba_layer = MambaLayer(features[-1], **mamba_kwargs)
-        self.decoder = UMambaDecoder(self.encoder, self.out_channels, dec_blocks, deep_supervision)
+        if concat_full_resolution_skip is None:  # as published: 3D concatenates it, 2D does not
+            concat_full_resolution_skip = dims == 3
+        self.concat_full_resolution_skip = bool(concat_full_resolution_skip)
+        self.decoder = UMambaDecoder(self.encoder, self.out_channels, dec_blocks, deep_supervision,
+                                     concat_full_resolution_skip=self.concat_full_resolution_skip)
 
         # dynamic_network_architectures transfer keys. The stem's first block also has a 1x1 shortcut
         # conv that takes the input channels: encoder.stem.0.conv3 (not listed: its shape differs).
@@ -415,6 +427,11 @@ _ARGS_DOC = """
             128^3 (3D) / 256^2 (2D).
         d_state, d_conv, expand: Mamba settings (16, 4, 2 as published).
         published_block_schedule: force U-Mamba's 1-block stages (True as published).
+        concat_full_resolution_skip: whether the last decoder stage concatenates the highest-resolution
+            skip (input 2 C0) or works on the upsampled map alone (input C0). Default (None) as published:
+            True in 3D (UMambaBot_3d.py / UMambaEnc_3d.py), False in 2D (UMambaBot_2d.py /
+            UMambaEnc_2d.py). Either way the module names (and, at the default, shapes) are the
+            published ones.
         n_stages, conv_op, conv_bias, norm_op(_kwargs), dropout_op(_kwargs), nonlin(_kwargs): nnU-Net
             plans keys; defaults InstanceNorm (eps 1e-5, affine), LeakyReLU(0.01), conv bias, no dropout.
 """

@@ -105,13 +105,20 @@ def network_ds_scales(network: torch.nn.Module, pool_op_kernel_sizes) -> list[li
 
 class CosineLRScheduler(_LRScheduler):
     """Cosine annealing from ``initial_lr`` to ``min_lr`` over ``max_steps`` epochs, with the interface of
-    nnU-Net's ``PolyLRScheduler`` (``step(current_step)``, called once per epoch)."""
+    nnU-Net's ``PolyLRScheduler`` (``step(current_step)``, called once per epoch).
 
-    def __init__(self, optimizer, initial_lr: float, max_steps: int, min_lr: float = 0.0, current_step: int = None):
+    ``t_max``: when given, the closed form of ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=t_max)``
+    stepped once per epoch instead: lr = min + (initial - min) (1 + cos(pi epoch / t_max)) / 2 for every
+    epoch, which is periodic (period 2 t_max) when the run is longer than t_max epochs (MHS-VM / VM-UNet:
+    T_max 50 over 300 epochs)."""
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, min_lr: float = 0.0, current_step: int = None,
+                 t_max: int | None = None):
         self.optimizer = optimizer
         self.initial_lr = initial_lr
         self.max_steps = max(1, int(max_steps))
         self.min_lr = min_lr
+        self.t_max = None if t_max is None else max(1, int(t_max))
         self.ctr = 0
         super().__init__(optimizer, current_step if current_step is not None else -1)
 
@@ -119,7 +126,10 @@ class CosineLRScheduler(_LRScheduler):
         if current_step is None or current_step == -1:
             current_step = self.ctr
             self.ctr += 1
-        t = min(max(current_step, 0), self.max_steps) / self.max_steps
+        if self.t_max is not None:
+            t = max(current_step, 0) / self.t_max
+        else:
+            t = min(max(current_step, 0), self.max_steps) / self.max_steps
         new_lr = self.min_lr + (self.initial_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
         for group in self.optimizer.param_groups:
             group["lr"] = new_lr
@@ -136,6 +146,7 @@ class nnUNetTrainerMedMamba(nnUNetTrainer):
     OPTIMIZER = "sgd"                   # "sgd" (nnU-Net's), "adam", "adamw"
     LR_SCHEDULE = "poly"                # "poly" (nnU-Net's) or "cosine"
     MIN_LR = 0.0                        # cosine floor
+    COSINE_T_MAX: int | None = None     # cosine period/2 in epochs (CosineAnnealingLR T_max); None: the whole run
     INITIAL_LR: float | None = None     # None: nnU-Net's 1e-2
     WEIGHT_DECAY: float | None = None   # None: nnU-Net's 3e-5
     NUM_EPOCHS: int | None = None       # None: nnU-Net's 1000
@@ -234,7 +245,8 @@ class nnUNetTrainerMedMamba(nnUNetTrainer):
         if self.LR_SCHEDULE == "poly":
             scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
         elif self.LR_SCHEDULE == "cosine":
-            scheduler = CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.MIN_LR)
+            scheduler = CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.MIN_LR,
+                                          t_max=self.COSINE_T_MAX)
         else:
             raise ValueError(f"{type(self).__name__}: unknown LR_SCHEDULE {self.LR_SCHEDULE!r}")
         return optimizer, scheduler
@@ -250,9 +262,18 @@ class nnUNetTrainerMedMamba(nnUNetTrainer):
         self._update_encoder_freeze()
         super().on_train_epoch_start()
 
+    FREEZE_MODULES: tuple | None = None  # submodules frozen by FREEZE_ENCODER_EPOCHS (None: the encoder modules)
+
     def _encoder_modules(self):
         net = _pretrained.unwrap(self.network)
-        return [net.get_submodule(m) for m in ENCODER_MODULES.get(self.arch, ("encoder",)) if hasattr(net, m)]
+        names = self.FREEZE_MODULES or ENCODER_MODULES.get(self.arch, ("encoder",))
+        out = []
+        for m in names:
+            try:
+                out.append(net.get_submodule(m))
+            except AttributeError:
+                continue
+        return out
 
     def _update_encoder_freeze(self):
         want = (self.FREEZE_ENCODER_EPOCHS > 0 and self.current_epoch < self.FREEZE_ENCODER_EPOCHS
@@ -347,6 +368,9 @@ class nnUNetTrainerSwinUMamba(nnUNetTrainerMedMamba):
     LR_SCHEDULE, MIN_LR = "cosine", 1e-6
     DEEP_SUPERVISION = True
     FREEZE_ENCODER_EPOCHS = 10
+    # as SwinUMamba.freeze_encoder (JiarunLiu/Swin-UMamba @ 50eecc89): the VSS stages and merging layers;
+    # the conv stem and the patch embedding (not ImageNet weights) keep training
+    FREEZE_MODULES = ("encoder.layers", "encoder.downsamples")
 
 
 class nnUNetTrainerSwinUMambaD(nnUNetTrainerSwinUMamba):
@@ -366,12 +390,14 @@ class nnUNetTrainerMSVMUNet(nnUNetTrainerMedMamba):
 
 
 class nnUNetTrainerVMUNetMHS(nnUNetTrainerMedMamba):
-    """VM-UNet with Multi-Head Scan: AdamW 1e-3, weight decay 1e-2, cosine to 1e-5 (VM-UNet's released
-    configuration), no deep supervision."""
+    """VM-UNet with Multi-Head Scan, as MHS-VM's released configuration (PixDeep/MHS-VM
+    ``configs/config_setting.py`` @ 3e4241e9, ``engine.py``): AdamW lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+    weight decay 1e-2; CosineAnnealingLR T_max 50, eta_min 1e-5, stepped once per epoch (so periodic over
+    its 300 epochs); no deep supervision."""
     arch = "vm_unet_mhs"
     build_network_architecture = _builder("vm_unet_mhs")
     OPTIMIZER, INITIAL_LR, WEIGHT_DECAY = "adamw", 1e-3, 1e-2
-    LR_SCHEDULE, MIN_LR = "cosine", 1e-5
+    LR_SCHEDULE, MIN_LR, COSINE_T_MAX = "cosine", 1e-5, 50
     DEEP_SUPERVISION = False
 
 

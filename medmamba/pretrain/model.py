@@ -7,10 +7,11 @@
 3. densify: every level is normalised over its visible positions (masked BatchNorm); its masked positions
    are filled by TOKI at the deepest level and by a learnable mask token (one per level) elsewhere; a
    projection (1x1 conv at the deepest level, 3^3 elsewhere) maps it to the decoder width of that level;
-4. light decoder, deepest level first: transposed conv (kernel = stride = the level's upsampling factor,
-   2 for the usual k2 s2) to the next level, add that level's densified features, 2 x (conv 3^3 - BN -
-   ReLU); if the highest level is below the input resolution, one more such up-block; 1x1 conv to the
-   input channels;
+4. light decoder (MambaMIM's ``models/decoder.py``), deepest level first: transposed conv (kernel = stride
+   = the level's upsampling factor, 2 for the usual k2 s2) + 2 x (conv 3^3 - BN - ReLU) to the next level,
+   CONCATENATE that level's densified features and fuse them with 2 x (conv 3^3 - BN - ReLU); a
+   full-resolution top level is never read (as published); if the highest level is below the input
+   resolution, one more up-block; 1x1 conv to the input channels;
 5. loss: every bottleneck token's input footprint is a patch; the target patch is normalised by its own
    mean and std; MSE averaged over the masked patches only.
 
@@ -34,11 +35,24 @@ __all__ = ["MambaMIM", "LightDecoder", "export_network_weights"]
 
 
 def _conv_bn_relu(c_in, c_out):
+    # The published convs carry a bias before the BatchNorm, which the norm removes (same function); it is
+    # left out here: its gradient is zero up to rounding, and AdamW would turn that noise into lr-sized steps.
     return [nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
 
 
 class LightDecoder(nn.Module):
-    """SparK-like light decoder over densified features (see the module docstring, steps 3-4)."""
+    """SparK-like light decoder over densified features, as MambaMIM's ``models/decoder.py`` (see the
+    module docstring, steps 3-4).
+
+    Widths: ``width`` at the deepest level, halved per level up (at least ``min_width``). Deepest first,
+    per level l: ``ups[l]`` (transposed conv, kernel = stride = the level's upsampling factor, width kept)
+    and ``blocks[l]`` (conv 3^3 w_{l+1} -> w_l - BN - ReLU - conv 3^3 - BN - ReLU): the published
+    ``UNetBlock``; then, if level l is read, ``fuses[l]`` over the CONCATENATION of the upsampled map and
+    the level's densified features (conv 3^3 2 w_l -> w_l - BN - ReLU - conv - BN - ReLU: the published
+    ``FusionBlock``). A full-resolution top level is never read (as published: its last up-block lands
+    there and goes to the 1x1 head); a top level below the input resolution is read, then one more
+    up-block reaches the input. ``used_levels``: the levels read (densified).
+    """
 
     def __init__(self, enc_channels: Sequence[int], scales: Sequence[Sequence[int]], out_channels: int,
                  width: int = 768, min_width: int = 16):
@@ -47,48 +61,63 @@ class LightDecoder(nn.Module):
         self.n_levels = n
         widths = [max(int(width) // 2 ** (n - 1 - l), min_width) for l in range(n)]
         self.widths = widths
+        top = tuple(int(s) for s in scales[0])
+        top_full = all(s == 1 for s in top)
+        self.used_levels = list(range(1 if top_full else 0, n))
         self.store = MaskStore()
-        self.densify_norms = nn.ModuleList(MaskedNorm(nn.BatchNorm3d(c), self.store) for c in enc_channels)
+        self.densify_norms = nn.ModuleList(
+            MaskedNorm(nn.BatchNorm3d(c), self.store) if l in self.used_levels else nn.Identity()
+            for l, c in enumerate(enc_channels))
         self.densify_projs = nn.ModuleList(
             nn.Conv3d(c, w, 1 if l == n - 1 else 3, padding=0 if l == n - 1 else 1)
+            if l in self.used_levels else nn.Identity()
             for l, (c, w) in enumerate(zip(enc_channels, widths)))
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
+        self.fuses = nn.ModuleList()
         for l in range(n - 1):  # from level l+1 up to level l
             factor = tuple(int(a) // int(b) for a, b in zip(scales[l + 1], scales[l]))
-            self.ups.append(nn.ConvTranspose3d(widths[l + 1], widths[l], factor, stride=factor))
-            self.blocks.append(nn.Sequential(*_conv_bn_relu(widths[l], widths[l]), *_conv_bn_relu(widths[l], widths[l])))
-        top = tuple(int(s) for s in scales[0])
+            self.ups.append(nn.ConvTranspose3d(widths[l + 1], widths[l + 1], factor, stride=factor))
+            self.blocks.append(nn.Sequential(*_conv_bn_relu(widths[l + 1], widths[l]),
+                                             *_conv_bn_relu(widths[l], widths[l])))
+            self.fuses.append(nn.Sequential(*_conv_bn_relu(2 * widths[l], widths[l]),
+                                            *_conv_bn_relu(widths[l], widths[l]))
+                              if l in self.used_levels else nn.Identity())
         self.final_up = None
         last = widths[0]
-        if any(s != 1 for s in top):
+        if not top_full:
             w = max(widths[0] // 2, min_width)
-            self.final_up = nn.Sequential(nn.ConvTranspose3d(widths[0], w, top, stride=top),
-                                          *_conv_bn_relu(w, w), *_conv_bn_relu(w, w))
+            self.final_up = nn.Sequential(nn.ConvTranspose3d(widths[0], widths[0], top, stride=top),
+                                          *_conv_bn_relu(widths[0], w), *_conv_bn_relu(w, w))
             last = w
         self.head = nn.Conv3d(last, out_channels, 1)
 
     def densify(self, feats, pyramid: MaskPyramid, mask_tokens, toki: TOKI):
+        """Per level: None for a level the decoder does not read, else the densified, projected map."""
         out = []
         self.store.pyramid = pyramid
         try:
             for l, f in enumerate(feats):
+                if l not in self.used_levels:
+                    out.append(None)
+                    continue
                 f = self.densify_norms[l](f)  # statistics over visible positions, zero at masked ones
                 if l == len(feats) - 1:
                     f = toki(f, pyramid.visible)
                 else:
                     m = pyramid.mask(f.shape[2:], dtype=f.dtype)
-                    f = f + (1 - m) * mask_tokens[l].to(f.dtype)
+                    f = f + (1 - m) * mask_tokens[str(l)].to(f.dtype)
                 out.append(self.densify_projs[l](f))
         finally:
             self.store.pyramid = None
         return out
 
-    def forward(self, dense: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, dense: Sequence[torch.Tensor | None]) -> torch.Tensor:
         x = dense[-1]
         for l in reversed(range(self.n_levels - 1)):
-            x = self.ups[l](x) + dense[l]
-            x = self.blocks[l](x)
+            x = self.blocks[l](self.ups[l](x))
+            if dense[l] is not None:
+                x = self.fuses[l](torch.cat([x, dense[l]], dim=1))
         if self.final_up is not None:
             x = self.final_up(x)
         return self.head(x)
@@ -118,11 +147,13 @@ class MambaMIM(nn.Module):
         self.grid = self.backbone.grid(self.patch)
         self.token_patch = tuple(int(s) for s in self.backbone.total_stride)  # input footprint of one token
         channels, scales = self.backbone.level_channels(), self.backbone.level_scales()
-        self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1, 1)) for c in channels[:-1])
-        for t in self.mask_tokens:
-            nn.init.trunc_normal_(t, std=0.02)
         self.toki = TOKI(channels[-1])
         self.decoder = LightDecoder(channels, scales, self.in_channels, width=decoder_width)
+        # one learnable mask token per level the decoder reads, except the deepest (TOKI), keyed by level
+        self.mask_tokens = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(1, channels[l], 1, 1, 1))
+                                             for l in self.decoder.used_levels if l < len(channels) - 1})
+        for t in self.mask_tokens.values():
+            nn.init.trunc_normal_(t, std=0.02)
 
     def draw_mask(self, batch: int, device=None, generator: torch.Generator | None = None) -> MaskPyramid:
         return MaskPyramid.random(batch, self.grid, self.mask_ratio, generator=generator, device=device)

@@ -145,7 +145,7 @@ def _atomic_save(obj, path: str) -> None:
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
     decay, no_decay = [], []
-    special = {id(p) for p in model.mask_tokens} | {id(model.toki.A)}
+    special = {id(p) for p in model.mask_tokens.parameters()} | {id(model.toki.A)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -1,0 +1,30 @@
+"""Published checkpoints in, medmamba state dicts out (``medmamba weights import``).
+
+An integration layer: it imports ``medmamba.nets`` (never the reverse). Each converter takes the state
+dict of an OFFICIAL checkpoint (key names and tensor layouts of the official code, read from the
+repositories listed in ``docs/model_card.md``), builds our network for it and returns a state dict of
+ours that loads strictly and computes what the official network computes from the same weights.
+
+API:
+
+* ``convert(source, ckpt, arch, spatial_dims=None, net_kwargs=None, seed=0, inflate="average")``
+  -> ``Converted(state_dict, arch, net_kwargs, spatial_dims, notes)``. ``ckpt``: a path or an already
+  loaded checkpoint object. ``source``: one of :data:`SOURCES`.
+* ``save(converted, out, overwrite=False, source=..., ckpt_name=...)``: writes ``{"network_weights":
+  state dict, "medmamba_weights": {...}}`` atomically (temporary file + rename); refuses an existing
+  file unless ``overwrite``. That file is what ``nnUNetv2_train ... -pretrained_weights`` (our trainers,
+  and nnU-Net's own loader: every key present) and ``medmamba bundle create --checkpoint`` read.
+* ``inflate_2d_to_3d``: the documented 2D -> 3D inflation used for our 3D variants of 2D-only networks.
+* ``CheckpointError``: unreadable file, checkpoint of another network, missing keys (named).
+
+Sources: ``umamba`` (bowang-lab/U-Mamba nnU-Net fork ``checkpoint_final.pth``: UMambaBot/UMambaEnc 2D
+or 3D), ``lightm_unet`` (MrBlankness/LightM-UNet nnU-Net fork), ``swin_umamba`` (JiarunLiu/Swin-UMamba
+nnU-Net fork), ``vmamba`` (MzeroMiko/VMamba v0 ImageNet ``vssm_tiny``-style ``{"model": ...}``: the
+Swin-UMamba encoder, loaded the way Swin-UMamba's ``load_pretrained_ckpt`` does). ``msvm_unet``,
+``vm_unet``, ``mhs_vm`` and ``mambamim`` are recognised names whose converters are not written yet:
+they raise a clear error (see ``docs/model_card.md``).
+"""
+from medmamba.weights.convert import (CheckpointError, Converted, SOURCES, convert, inflate_2d_to_3d,
+                                      load_checkpoint, save)
+
+__all__ = ["CheckpointError", "Converted", "SOURCES", "convert", "inflate_2d_to_3d", "load_checkpoint", "save"]
