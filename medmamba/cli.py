@@ -14,6 +14,7 @@ def main(argv=None) -> int:
     from medmamba.monai import cli as monai_cli
     from medmamba.nnunet import cli as nnunet_cli
     from medmamba.pretrain import cli as pretrain_cli
+    from medmamba.weights import cli as weights_cli
 
     demo.add_parser(sub)
     check.add_parser(sub)
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
     monai_cli.add_parser(sub)
     evaluate.add_parser(sub)
     predict.add_parser(sub)
-    __import__("medmamba.weights.cli", fromlist=["add_parser"]).add_parser(sub)
+    weights_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -190,7 +190,7 @@ def test_unknown_names_still_fail():
 # foundations (kernels, runtime) import nothing else from medmamba. Integrations may use each other,
 # without cycles. The package root (medmamba/__init__.py) re-exports Mamba only, so it may import layers.
 LAYER = {"kernels": 0, "runtime": 0, "layers": 1, "nets": 2,
-         "nnunet": 3, "monai": 3, "pretrain": 3, "clinic": 3, "demo": 3, "check": 3,
+         "nnunet": 3, "monai": 3, "pretrain": 3, "clinic": 3, "demo": 3, "weights": 3, "check": 3,
          "cli": 4, "__main__": 4}
 ROOT_MAY_IMPORT = 1
 
