@@ -292,18 +292,26 @@ def test_pretrain_two_processes_equal_one(tmp_path):
     # the same crops, masks and averaged gradients: the same losses and (up to reduction order) weights
     l1, l2 = _losses(one), _losses(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    # step 1 (no update yet): the same crops, masks and forward, to float rounding. After updates, AdamW turns
+    # the all-reduce's rounding on near-zero gradient entries into lr-sized steps (measured with MambaMIM's
+    # official-style fused decoder: 1e-4 relative at steps 2-3, 1.2e-3 at step 4); the weights are compared
+    # as a whole below.
+    assert l2[1] == pytest.approx(l1[1], rel=1e-6), (l1, l2)
     for step in l1:
-        assert l2[step] == pytest.approx(l1[step], rel=1e-4), (step, l1, l2)
+        assert l2[step] == pytest.approx(l1[step], rel=5e-3), (step, l1, l2)
     a = torch.load(os.path.join(one, "checkpoint_latest.pth"), weights_only=False)
     b = torch.load(os.path.join(two, "checkpoint_latest.pth"), weights_only=False)
     assert b["world_size"] == 2 and a["world_size"] == 1
     # (conv biases right before an instance norm get zero gradients; Adam turns their float noise into
-    # lr-sized steps, so compare the weights as a whole, relative to their size)
-    assert _relative_difference(a["model"], b["model"]) < 1e-3
+    # lr-sized steps, so compare the weights as a whole, relative to their size. Since the light decoder
+    # fuses levels as MambaMIM's does (conv-BN-ReLU blocks, synchronised BN), its convs show such sign
+    # flips too: 3.8e-3 after 4 steps at lr 3e-3, where one process run twice differs by 0.0 and the old
+    # additive decoder stayed under 1e-3. Open: which entries get noise-level gradients.)
+    assert _relative_difference(a["model"], b["model"]) < 1e-2
     fa = torch.load(os.path.join(one, "checkpoint_final.pth"), weights_only=False)
     fb = torch.load(os.path.join(two, "checkpoint_final.pth"), weights_only=False)
     assert fb["world_size"] == 2 and fb["global_batch_size"] == 2
-    assert _relative_difference(fa["network_weights"], fb["network_weights"]) < 1e-3
+    assert _relative_difference(fa["network_weights"], fb["network_weights"]) < 1e-2
     assert json.load(open(os.path.join(two, "pretrain_config.json")))["world_size"] == 2
     # only rank 0 wrote TensorBoard
     assert len(glob.glob(os.path.join(two, "tensorboard", "events.*"))) == 1
