@@ -121,6 +121,21 @@ def _plans_config(ckpt) -> dict:
 # assembling
 # ------------------------------------------------------------------------------------------------
 
+def _map_keys(sd: Mapping, key_fn: Callable, name: str, arch: str) -> tuple[dict, dict]:
+    """Official key -> ours for every tensor: (ours -> tensor, ours -> official key); a key with no counterpart
+    is an error naming it."""
+    mapped, origin, unplaced = {}, {}, []
+    for k, v in sd.items():
+        ours = key_fn(k)
+        if ours is None:
+            unplaced.append(k)
+            continue
+        mapped[ours], origin[ours] = v, k
+    if unplaced:
+        raise CheckpointError(f"{name}: keys with no counterpart in {arch}: {_fmt(unplaced)}")
+    return mapped, origin
+
+
 def _assemble(net: torch.nn.Module, mapped: dict, origin: dict, name: str, source: str, arch: str,
               fresh: tuple = ()) -> dict:
     """Load ``mapped`` (our key -> tensor) into ``net`` strictly; keys under ``fresh`` prefixes may be
@@ -305,15 +320,7 @@ def _from_lightm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **
     in_ch, out_ch = int(w.shape[0]), int(sd["conv_final.2.1.conv.weight"].shape[0])
     torch.manual_seed(seed)
     net = nets.create(arch, in_ch, out_ch, dims, **kw)
-    mapped, origin, unplaced = {}, {}, []
-    for k, v in sd.items():
-        ours = lightm_unet_key(k)
-        if ours is None:
-            unplaced.append(k)
-            continue
-        mapped[ours], origin[ours] = v, k
-    if unplaced:
-        raise CheckpointError(f"{name}: keys with no counterpart in {arch}: {_fmt(unplaced)}")
+    mapped, origin = _map_keys(sd, lightm_unet_key, name, arch)
     state = _assemble(net, mapped, origin, name, "lightm_unet", arch, fresh=("decoder.ds_heads.",))
     return Converted(state, arch, dims, in_ch, out_ch, kw,
                      ["decoder.ds_heads.* (our deep-supervision heads, not in the official network) keep their "
@@ -394,15 +401,7 @@ def _from_swin_umamba(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, in
     vdims, depths = _dims_depths(sd, "vssm_encoder.")
     kw = dict(feature_size=int(sd["stem.0.weight"].shape[0]), dims=vdims, depths=depths)
     kw.update(net_kwargs)
-    mapped, origin, unplaced = {}, {}, []
-    for k, v in sd.items():
-        ours = swin_umamba_key(k)
-        if ours is None:
-            unplaced.append(k)
-            continue
-        mapped[ours], origin[ours] = v, k
-    if unplaced:
-        raise CheckpointError(f"{name}: keys with no counterpart in {arch}: {_fmt(unplaced)}")
+    mapped, origin = _map_keys(sd, swin_umamba_key, name, arch)
     notes = []
     if dims == 3:
         net2 = _swin_net(arch, in_ch, out_ch, 2, kw, seed)
