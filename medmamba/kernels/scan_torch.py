@@ -80,24 +80,39 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus):
     groups, dstate = B.shape[1], A.shape[1]
     T = chunk_length(batch, dim, dstate, length)
     A32 = _group_view(A.float()[None], groups)[:, :, :, None, :]  # (1, G, Dg, 1, N)
-    y = torch.empty(batch, dim, length, dtype=torch.float32, device=u.device)
+    # Traced (TorchScript / ONNX export, inference): out-of-place ops only, chunk outputs concatenated and no
+    # saved states; ONNX's exporter does not follow writes into views of an empty tensor.
+    traced = torch.jit.is_tracing()
     n_chunks = (length + T - 1) // T
-    starts = torch.empty(batch, groups, dim // groups, n_chunks, dstate, dtype=torch.float32, device=u.device)
-    h = None
-    yg = _group_view(y, groups)
+    starts = None if traced else \
+        torch.empty(batch, groups, dim // groups, n_chunks, dstate, dtype=torch.float32, device=u.device)
+    y = None if traced else torch.empty(batch, dim, length, dtype=torch.float32, device=u.device)
+    h, ys = None, []
     for c, s in enumerate(range(0, length, T)):
         e = min(s + T, length)
-        starts[:, :, :, c] = 0 if h is None else h
+        if not traced:
+            starts[:, :, :, c] = 0 if h is None else h
         dt = _group_view(_delta(delta[:, :, s:e], delta_bias, softplus), groups)
         a = torch.exp(dt.unsqueeze(-1) * A32)
         b = (dt * _group_view(u[:, :, s:e].float(), groups)).unsqueeze(-1) * _bc_chunk(B, s, e)
         _, hs = _doubling_scan(a, b, h)
-        yg[..., s:e] = torch.einsum("bgdtn,bgotn->bgdt", hs, _bc_chunk(C, s, e))
+        yc = torch.einsum("bgdtn,bgotn->bgdt", hs, _bc_chunk(C, s, e))
+        if traced:
+            ys.append(yc)
+        else:
+            _group_view(y, groups)[..., s:e] = yc
         h = hs[..., -1, :]
-    if D is not None:
-        y += D.float()[:, None] * u.float()
-    if z is not None:
-        y *= F.silu(z.float())
+    if traced:
+        y = (torch.cat(ys, -1) if len(ys) > 1 else ys[0]).reshape(batch, dim, length)
+        if D is not None:
+            y = y + D.float()[:, None] * u.float()
+        if z is not None:
+            y = y * F.silu(z.float())
+    else:
+        if D is not None:
+            y += D.float()[:, None] * u.float()
+        if z is not None:
+            y *= F.silu(z.float())
     return y.to(u.dtype), h.reshape(batch, dim, dstate), starts, T
 
 
