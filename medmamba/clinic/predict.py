@@ -47,6 +47,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", help="nnU-Net: folds to use (default: every fold_* with the checkpoint)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="nnU-Net checkpoint file name")
     p.add_argument("--no-mirroring", action="store_true", help="nnU-Net: no test-time mirroring (faster)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the per-case log as JSON on stdout (machine-readable)")
     p.set_defaults(func=cmd_predict)
     return p
 
@@ -284,12 +286,18 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
 def cmd_predict(args) -> int:
     try:
         log = predict(args.model, args.input, args.output, device=args.device, overwrite=args.overwrite,
-                      folds=args.folds, checkpoint=args.checkpoint, mirroring=not args.no_mirroring)
+                      folds=args.folds, checkpoint=args.checkpoint, mirroring=not args.no_mirroring,
+                      progress=not getattr(args, "quiet", False))
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"medmamba predict: error: {exc}", file=sys.stderr)
         return 2
     bad = {n: e for n, e in log.items() if e["status"] != "ok"}
-    print(f"{len(log) - len(bad)}/{len(log)} case(s) written to {args.output}")
+    if getattr(args, "json", False):
+        print(json.dumps(log, indent=2))
+    else:
+        secs = [e["seconds"] for e in log.values() if "seconds" in e]
+        print(f"{len(log) - len(bad)}/{len(log)} case(s) written to {args.output}"
+              + (f" in {sum(secs):.1f} s ({sum(secs) / len(secs):.1f} s/case)" if secs else ""))
     for name, e in bad.items():
         print(f"  {e['status']}: {name}: {e.get('error', '')}", file=sys.stderr)
     return 1 if bad else 0
