@@ -47,6 +47,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", help="nnU-Net: folds to use (default: every fold_* with the checkpoint)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="nnU-Net checkpoint file name")
     p.add_argument("--no-mirroring", action="store_true", help="nnU-Net: no test-time mirroring (faster)")
+    p.add_argument("--output-format", choices=("nifti", "dicom-seg", "both"), default="nifti",
+                   help="nifti: OUT/<case>.nii.gz; dicom-seg: OUT/<case>_seg.dcm, a DICOM Segmentation referencing "
+                        "the input DICOM series (DICOM inputs only); both (default nifti)")
+    p.add_argument("--seg-coding", metavar="JSON", help="DICOM SEG: label name -> category/type codes "
+                   "(see medmamba.clinic.dicom_seg; default: built-in codes or a private scheme)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the per-case log as JSON on stdout (machine-readable)")
     p.set_defaults(func=cmd_predict)
@@ -213,8 +218,12 @@ def group_cases(cases, n_channels: int = 1) -> dict:
 
 
 def predict(model: str, input: str, output: str, device: str | None = None, overwrite: bool = False,
-            folds=None, checkpoint: str = "checkpoint_final.pth", mirroring: bool = True, progress: bool = True) -> dict:
-    """Predict every case; returns ``{case: {"status": "ok"|"failed"|"exists", ...}}``."""
+            folds=None, checkpoint: str = "checkpoint_final.pth", mirroring: bool = True, progress: bool = True,
+            output_format: str = "nifti", seg_coding: str | None = None) -> dict:
+    """Predict every case; returns ``{case: {"status": "ok"|"failed"|"exists", ...}}``.
+
+    ``output_format``: "nifti", "dicom-seg" (DICOM series inputs only; :mod:`medmamba.clinic.dicom_seg`) or "both".
+    """
     import SimpleITK as sitk
     import torch
     from tqdm import tqdm
@@ -233,8 +242,13 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
         with open(os.path.join(model, "dataset.json")) as f:
             n_channels = len(json.load(f)["channel_names"])
     groups = group_cases(cases, n_channels)
+    if output_format != "nifti":
+        from medmamba.clinic import dicom_seg
+        coding = dicom_seg.load_coding(seg_coding)
+        label_names = dicom_seg.label_names_of_model(model, kind)
+    ext = "_seg.dcm" if output_format == "dicom-seg" else ".nii.gz"
     todo = [n for n, g in groups.items()
-            if not isinstance(g, Exception) and (overwrite or not os.path.exists(os.path.join(output, f"{n}.nii.gz")))]
+            if not isinstance(g, Exception) and (overwrite or not os.path.exists(os.path.join(output, f"{n}{ext}")))]
     runner = None
     if todo:    # load the model only when there is work for it
         if kind == "bundle":
@@ -244,7 +258,7 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
     log = {}
     bar = tqdm(groups.items(), desc="predict", unit="case", disable=not progress)
     for name, group in bar:
-        out_path = os.path.join(output, f"{name}.nii.gz")
+        out_path = os.path.join(output, f"{name}{ext}")
         entry = {"output": out_path}
         log[name] = entry
         if isinstance(group, Exception):
@@ -269,7 +283,21 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
                         seg = runner(path, images[0])
             else:
                 seg = runner(images)
-            imageio.write_image_atomic(_label_image(seg, images[0]), out_path, overwrite=overwrite)
+            label_img = _label_image(seg, images[0])
+            if output_format != "dicom-seg":
+                imageio.write_image_atomic(label_img, out_path, overwrite=overwrite)
+            if output_format != "nifti":
+                if group[0].kind != "dicom":
+                    raise ValueError("a DICOM SEG references its source DICOM series; this input is NIfTI "
+                                     "(use --output-format nifti or both)")
+                seg_path = os.path.join(output, f"{name}_seg.dcm")
+                if os.path.exists(seg_path) and not overwrite:
+                    raise FileExistsError(f"{seg_path} exists (use --overwrite to replace it)")
+                notes = dicom_seg.write_dicom_seg(seg, group[0].files, seg_path, label_names, coding,
+                                                  model_name=os.path.basename(os.path.normpath(model)))
+                entry["dicom_seg"] = seg_path
+                if notes:
+                    entry["warnings"] = notes
             entry.update(status="ok", seconds=round(time.perf_counter() - start, 2),
                          labels=sorted(int(v) for v in np.unique(seg)))
         except Exception as exc:   # report, go on with the other cases
@@ -287,7 +315,8 @@ def cmd_predict(args) -> int:
     try:
         log = predict(args.model, args.input, args.output, device=args.device, overwrite=args.overwrite,
                       folds=args.folds, checkpoint=args.checkpoint, mirroring=not args.no_mirroring,
-                      progress=not getattr(args, "quiet", False))
+                      progress=not getattr(args, "quiet", False),
+                      output_format=getattr(args, "output_format", "nifti"), seg_coding=getattr(args, "seg_coding", None))
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"medmamba predict: error: {exc}", file=sys.stderr)
         return 2
