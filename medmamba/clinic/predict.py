@@ -52,6 +52,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "the input DICOM series (DICOM inputs only); both (default nifti)")
     p.add_argument("--seg-coding", metavar="JSON", help="DICOM SEG: label name -> category/type codes "
                    "(see medmamba.clinic.dicom_seg; default: built-in codes or a private scheme)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime: MODEL is a folder written by `medmamba export --format onnx` (default torch)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the per-case log as JSON on stdout (machine-readable)")
     p.set_defaults(func=cmd_predict)
@@ -219,7 +221,7 @@ def group_cases(cases, n_channels: int = 1) -> dict:
 
 def predict(model: str, input: str, output: str, device: str | None = None, overwrite: bool = False,
             folds=None, checkpoint: str = "checkpoint_final.pth", mirroring: bool = True, progress: bool = True,
-            output_format: str = "nifti", seg_coding: str | None = None) -> dict:
+            output_format: str = "nifti", seg_coding: str | None = None, runtime: str = "torch") -> dict:
     """Predict every case; returns ``{case: {"status": "ok"|"failed"|"exists", ...}}``.
 
     ``output_format``: "nifti", "dicom-seg" (DICOM series inputs only; :mod:`medmamba.clinic.dicom_seg`) or "both".
@@ -251,7 +253,10 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             if not isinstance(g, Exception) and (overwrite or not os.path.exists(os.path.join(output, f"{n}{ext}")))]
     runner = None
     if todo:    # load the model only when there is work for it
-        if kind == "bundle":
+        if runtime == "onnxruntime":
+            from medmamba.clinic import onnx_runtime
+            runner = onnx_runtime.make_runner(model, kind, device, folds=folds, mirroring=mirroring)
+        elif kind == "bundle":
             runner = BundlePredictor(model, device)
         else:
             runner = NnunetPredictor(model, device, folds=folds, checkpoint=checkpoint, mirroring=mirroring)
@@ -305,7 +310,8 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             if os.environ.get("MEDMAMBA_DEBUG"):
                 entry["traceback"] = traceback.format_exc()
             tqdm.write(f"FAILED {name}: {entry['error']}", file=sys.stderr)
-    report = {"model": os.path.abspath(model), "model_kind": kind, "device": device, "input": os.path.abspath(input),
+    report = {"model": os.path.abspath(model), "model_kind": kind, "runtime": runtime, "device": device,
+              "input": os.path.abspath(input),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cases": log}
     imageio.write_text_atomic(os.path.join(output, "predict_log.json"), json.dumps(report, indent=2) + "\n")
     return log
@@ -316,7 +322,8 @@ def cmd_predict(args) -> int:
         log = predict(args.model, args.input, args.output, device=args.device, overwrite=args.overwrite,
                       folds=args.folds, checkpoint=args.checkpoint, mirroring=not args.no_mirroring,
                       progress=not getattr(args, "quiet", False),
-                      output_format=getattr(args, "output_format", "nifti"), seg_coding=getattr(args, "seg_coding", None))
+                      output_format=getattr(args, "output_format", "nifti"), seg_coding=getattr(args, "seg_coding", None),
+                      runtime=getattr(args, "runtime", "torch"))
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"medmamba predict: error: {exc}", file=sys.stderr)
         return 2
