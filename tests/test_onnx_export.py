@@ -66,3 +66,47 @@ def test_export_bundle_and_predict_with_onnxruntime(tmp_path, capsys):
     assert main(["predict", "--model", str(bundle), "--input", str(inp), "--output", str(tmp_path / "x"),
                  "--device", "cpu", "--runtime", "onnxruntime", "--quiet"]) == 2
     assert "not an ONNX export" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isfile(CT), reason=f"{CT} not found (set MEDMAMBA_DATA)")
+def test_export_nnunet_folder_and_predict_with_onnxruntime(tmp_path):
+    """An nnU-Net results folder (plans from nnU-Net's planner on ibsi_sts, UMambaBot with small features): the
+    ONNX folds run in nnUNetPredictor's own sliding window; labels equal PyTorch's on a real CT crop."""
+    from pathlib import Path
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = json.loads((Path(__file__).parent / "data" / "bundle_sts_nnUNetPlans.json").read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg["architecture"]["network_class_name"] = "medmamba.nets.umamba.UMambaBot"
+    cfg["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 16, 16, 16, 16]
+    cfg["patch_size"] = [24, 64, 64]            # small windows: several per crop, static ONNX shape
+    pm = PlansManager(plans)
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 2, False)
+    model = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "plans.json").write_text(json.dumps(plans))
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumour": 1}, "numTraining": 3,
+               "file_ending": ".nii.gz"}
+    (model / "dataset.json").write_text(json.dumps(dataset))
+    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": (0, 1, 2)},
+               model / "fold_0" / "checkpoint_final.pth")
+    out = tmp_path / "onnx"
+    assert main(["export", str(model), "--format", "onnx", str(out)]) == 0
+    info = json.loads((out / "onnx.json").read_text())
+    assert info["files"] == {"0": "fold_0/model.onnx"} and info["input_shape"] == [1, 1, 24, 64, 64]
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    img = sitk.ReadImage(CT)
+    sitk.WriteImage(img[30:130, 30:120, 8:40], str(inp / "crop_0000.nii.gz"))
+    for runtime, m in (("torch", model), ("onnxruntime", out)):
+        assert main(["predict", "--model", str(m), "--input", str(inp), "--output", str(tmp_path / runtime),
+                     "--device", "cpu", "--runtime", runtime, "--no-mirroring", "--quiet"]) == 0
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "torch" / "crop.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "onnxruntime" / "crop.nii.gz")))
+    assert a.shape == b.shape and 0 < a.mean() < 1
+    assert (a != b).mean() <= 1e-4
