@@ -82,6 +82,7 @@ def run_demo(out: str, data: str | None = None, device: str = "cpu", trainer: st
           f"{len(test_cases)} held out; trainer {trainer}; device {device}\n  output: {out_dir}\n"
           f"  nnU-Net's own output goes to {log}", flush=True)
     env = nn.nnunet_env(out_dir, n_proc_da=2)
+    env["PYTHONUNBUFFERED"] = "1"   # nnU-Net prints without flushing: unbuffered, its epoch lines arrive as they happen
     raw = nn.build_raw_dataset(train_cases, env["nnUNet_raw"], DEMO_DATASET_ID, DEMO_DATASET_NAME,
                                test_cases=test_cases, labels={"background": 0, "lesion": 1}, link=bool(data))
     times = {}
