@@ -291,10 +291,12 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             label_img = _label_image(seg, images[0])
             if output_format != "dicom-seg":
                 imageio.write_image_atomic(label_img, out_path, overwrite=overwrite)
-            if output_format != "nifti":
-                if group[0].kind != "dicom":
+            if output_format != "nifti" and group[0].kind != "dicom":
+                if output_format == "dicom-seg":
                     raise ValueError("a DICOM SEG references its source DICOM series; this input is NIfTI "
                                      "(use --output-format nifti or both)")
+                entry["warnings"] = ["no DICOM SEG for a NIfTI input (a SEG references its source DICOM series)"]
+            elif output_format != "nifti":
                 seg_path = os.path.join(output, f"{name}_seg.dcm")
                 if os.path.exists(seg_path) and not overwrite:
                     raise FileExistsError(f"{seg_path} exists (use --overwrite to replace it)")
@@ -322,7 +324,8 @@ def cmd_predict(args) -> int:
         log = predict(args.model, args.input, args.output, device=args.device, overwrite=args.overwrite,
                       folds=args.folds, checkpoint=args.checkpoint, mirroring=not args.no_mirroring,
                       progress=not getattr(args, "quiet", False),
-                      output_format=getattr(args, "output_format", "nifti"), seg_coding=getattr(args, "seg_coding", None),
+                      output_format=getattr(args, "output_format", "nifti"),
+                      seg_coding=getattr(args, "seg_coding", None),
                       runtime=getattr(args, "runtime", "torch"))
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"medmamba predict: error: {exc}", file=sys.stderr)
