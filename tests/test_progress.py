@@ -19,6 +19,7 @@ LOG = """\
 2026-01-01 10:00:50.000000: val_loss -0.3
 2026-01-01 10:00:50.000000: Pseudo dice [0.6]
 2026-01-01 10:00:50.000000: Epoch time: 10.0 s
+2026-01-01 10:00:51.000000: Training done.
 """
 
 
@@ -28,7 +29,7 @@ def test_epoch_lines_text_and_json():
     for line in LOG.splitlines(keepends=True):
         prog(line)
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3 and "final validation" in lines[2]
     assert "epoch 1/4" in lines[0] and "loss 0.1234" in lines[0] and "pseudo-Dice 0.432, 0.500" in lines[0]
     assert "ETA 1m30s" in lines[0]           # 3 epochs left x 30 s
     assert "ETA 0m40s" in lines[1]           # 2 left x mean(30, 10)

@@ -63,6 +63,10 @@ class EpochProgress:
         elif (m := _PATTERNS["epoch_time"].search(line)) and "epoch" in self._cur:
             self._cur["epoch_seconds"] = float(m.group(1))
             self._finish()
+        elif "Training done." in line and self.stream is not None and not self.json_lines:
+            # nnU-Net then predicts its validation cases: minutes without epoch lines on a CPU
+            self.stream.write(self.prefix + "training done; nnU-Net's final validation of the fold ...\n")
+            self.stream.flush()
 
     def _finish(self) -> None:
         e, self._cur = self._cur, {}
