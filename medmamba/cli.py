@@ -10,7 +10,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="medmamba", description="Mamba segmentation networks for nnU-Net and MONAI")
     sub = parser.add_subparsers(dest="command", required=True)
     from medmamba import check, demo
-    from medmamba.clinic import evaluate, predict
+    from medmamba.clinic import evaluate, export, predict
     from medmamba.monai import cli as monai_cli
     from medmamba.nnunet import cli as nnunet_cli
     from medmamba.pretrain import cli as pretrain_cli
@@ -23,7 +23,11 @@ def main(argv=None) -> int:
     monai_cli.add_parser(sub)
     evaluate.add_parser(sub)
     predict.add_parser(sub)
+<<<<<<< HEAD
     weights_cli.add_parser(sub)
+=======
+    export.add_parser(sub)
+>>>>>>> hospital
     args = parser.parse_args(argv)
     return args.func(args)
 

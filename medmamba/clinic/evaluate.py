@@ -58,6 +58,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="optional folder of the scans (CASE.nii.gz or CASE_0000.nii.gz) shown under the contours")
     p.add_argument("--slices", type=int, default=3, help="axial slices per case in the report (default 3)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/summary.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the per-label means as JSON on stdout")
     p.set_defaults(func=cmd_evaluate)
     return p
 
@@ -350,10 +352,15 @@ def evaluate(pred: str, ref: str, out: str, labels=None, nsd_tolerance: float = 
 def cmd_evaluate(args) -> int:
     try:
         summary = evaluate(args.pred, args.ref, args.out, labels=args.labels, nsd_tolerance=args.nsd_tolerance,
-                           images=args.images, n_slices=args.slices, overwrite=args.overwrite)
+                           images=args.images, n_slices=args.slices, overwrite=args.overwrite,
+                           progress=not getattr(args, "quiet", False))
     except (FileExistsError, FileNotFoundError, ValueError, PermissionError) as exc:
         print(f"medmamba evaluate: error: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "json", False):
+        print(json.dumps({"mean": summary["mean"], "refused": summary["refused"],
+                          "missing_pred": summary["missing_pred"], "missing_ref": summary["missing_ref"]}, indent=2))
+        return 1 if summary["refused"] else 0
     for lab, m in summary["mean"].items():
         print(f"label {lab}: n={m['n']} Dice {m['dice']:.4f}  HD95 {_num(m['hd95_mm'], '{:.2f}')} mm "
               f"(n={m['hd95_n']})  NSD@{args.nsd_tolerance:g}mm {m['nsd']:.4f}")

@@ -49,6 +49,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", help="nnU-Net: folds to use (default: every fold_* with the checkpoint)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="nnU-Net checkpoint file name")
     p.add_argument("--no-mirroring", action="store_true", help="nnU-Net: no test-time mirroring (faster)")
+    p.add_argument("--output-format", choices=("nifti", "dicom-seg", "both"), default="nifti",
+                   help="nifti: OUT/<case>.nii.gz; dicom-seg: OUT/<case>_seg.dcm, a DICOM Segmentation referencing "
+                        "the input DICOM series (DICOM inputs only); both (default nifti)")
+    p.add_argument("--seg-coding", metavar="JSON", help="DICOM SEG: label name -> category/type codes "
+                   "(see medmamba.clinic.dicom_seg; default: built-in codes or a private scheme)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime: MODEL is a folder written by `medmamba export --format onnx` (default torch)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the per-case log as JSON on stdout (machine-readable)")
     p.set_defaults(func=cmd_predict)
     return p
 
@@ -225,10 +234,13 @@ def group_cases(cases, n_channels: int = 1, channel_suffix: bool = True) -> dict
     return dict(sorted(out.items()))
 
 
-
 def predict(model: str, input: str, output: str, device: str | None = None, overwrite: bool = False,
-            folds=None, checkpoint: str = "checkpoint_final.pth", mirroring: bool = True, progress: bool = True) -> dict:
-    """Predict every case; returns ``{case: {"status": "ok"|"failed"|"exists", ...}}``."""
+            folds=None, checkpoint: str = "checkpoint_final.pth", mirroring: bool = True, progress: bool = True,
+            output_format: str = "nifti", seg_coding: str | None = None, runtime: str = "torch") -> dict:
+    """Predict every case; returns ``{case: {"status": "ok"|"failed"|"exists", ...}}``.
+
+    ``output_format``: "nifti", "dicom-seg" (DICOM series inputs only; :mod:`medmamba.clinic.dicom_seg`) or "both".
+    """
     import SimpleITK as sitk
     import torch
     from tqdm import tqdm
@@ -247,12 +259,20 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
         with open(os.path.join(model, "dataset.json")) as f:
             n_channels = len(json.load(f)["channel_names"])
     groups = group_cases(cases, n_channels, channel_suffix=kind == "nnunet")
+    if output_format != "nifti":
+        from medmamba.clinic import dicom_seg
+        coding = dicom_seg.load_coding(seg_coding)
+        label_names = dicom_seg.label_names_of_model(model, kind)
+    ext = "_seg.dcm" if output_format == "dicom-seg" else ".nii.gz"
     todo = [n for n, g in groups.items()
-            if not isinstance(g, Exception) and (overwrite or not os.path.exists(os.path.join(output, f"{n}.nii.gz")))]
+            if not isinstance(g, Exception) and (overwrite or not os.path.exists(os.path.join(output, f"{n}{ext}")))]
     runner = None
     if todo:    # load the model only when there is work for it
         try:
-            if kind == "bundle":
+            if runtime == "onnxruntime":
+                from medmamba.clinic import onnx_runtime
+                runner = onnx_runtime.make_runner(model, kind, device, folds=folds, mirroring=mirroring)
+            elif kind == "bundle":
                 runner = BundlePredictor(model, device)
             else:
                 runner = NnunetPredictor(model, device, folds=folds, checkpoint=checkpoint, mirroring=mirroring)
@@ -263,7 +283,7 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
     log = {}
     bar = tqdm(groups.items(), desc="predict", unit="case", disable=not progress)
     for name, group in bar:
-        out_path = os.path.join(output, f"{name}.nii.gz")
+        out_path = os.path.join(output, f"{name}{ext}")
         entry = {"output": out_path}
         log[name] = entry
         if isinstance(group, Exception):
@@ -291,7 +311,23 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
                         seg = runner(path, images[0])
             else:
                 seg = runner(images)
-            imageio.write_image_atomic(_label_image(seg, images[0]), out_path, overwrite=overwrite)
+            label_img = _label_image(seg, images[0])
+            if output_format != "dicom-seg":
+                imageio.write_image_atomic(label_img, out_path, overwrite=overwrite)
+            if output_format != "nifti" and group[0].kind != "dicom":
+                if output_format == "dicom-seg":
+                    raise ValueError("a DICOM SEG references its source DICOM series; this input is NIfTI "
+                                     "(use --output-format nifti or both)")
+                entry["warnings"] = ["no DICOM SEG for a NIfTI input (a SEG references its source DICOM series)"]
+            elif output_format != "nifti":
+                seg_path = os.path.join(output, f"{name}_seg.dcm")
+                if os.path.exists(seg_path) and not overwrite:
+                    raise FileExistsError(f"{seg_path} exists (use --overwrite to replace it)")
+                notes = dicom_seg.write_dicom_seg(seg, group[0].files, seg_path, label_names, coding,
+                                                  model_name=os.path.basename(os.path.normpath(model)))
+                entry["dicom_seg"] = seg_path
+                if notes:
+                    entry["warnings"] = notes
             entry.update(status="ok", seconds=round(time.perf_counter() - start, 2),
                          labels=sorted(int(v) for v in np.unique(seg)))
         except Exception as exc:   # report, go on with the other cases
@@ -309,7 +345,8 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
         for name, entry in log.items():
             if entry["status"] == "exists" and isinstance(previous.get(name), dict):
                 entry["previous"] = previous[name]
-    report = {"model": os.path.abspath(model), "model_kind": kind, "device": device, "input": os.path.abspath(input),
+    report = {"model": os.path.abspath(model), "model_kind": kind, "runtime": runtime, "device": device,
+              "input": os.path.abspath(input),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cases": log}
     imageio.write_text_atomic(log_path, json.dumps(report, indent=2) + "\n")
     return log
@@ -318,7 +355,11 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
 def cmd_predict(args) -> int:
     try:
         log = predict(args.model, args.input, args.output, device=args.device, overwrite=args.overwrite,
-                      folds=args.folds, checkpoint=args.checkpoint, mirroring=not args.no_mirroring)
+                      folds=args.folds, checkpoint=args.checkpoint, mirroring=not args.no_mirroring,
+                      progress=not getattr(args, "quiet", False),
+                      output_format=getattr(args, "output_format", "nifti"),
+                      seg_coding=getattr(args, "seg_coding", None),
+                      runtime=getattr(args, "runtime", "torch"))
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"medmamba predict: error: {exc}", file=sys.stderr)
         return 2
@@ -327,7 +368,12 @@ def cmd_predict(args) -> int:
               file=sys.stderr)
         return 130
     bad = {n: e for n, e in log.items() if e["status"] != "ok"}
-    print(f"{len(log) - len(bad)}/{len(log)} case(s) written to {args.output}")
+    if getattr(args, "json", False):
+        print(json.dumps(log, indent=2))
+    else:
+        secs = [e["seconds"] for e in log.values() if "seconds" in e]
+        print(f"{len(log) - len(bad)}/{len(log)} case(s) written to {args.output}"
+              + (f" in {sum(secs):.1f} s ({sum(secs) / len(secs):.1f} s/case)" if secs else ""))
     for name, e in bad.items():
         print(f"  {e['status']}: {name}: {e.get('error', '')}", file=sys.stderr)
     return 1 if bad else 0

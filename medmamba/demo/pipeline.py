@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--cases", type=int, default=6, help="synthetic cases to generate (default 6)")
     p.add_argument("--test-cases", type=int, default=1, help="cases held back for prediction (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines while training (steps only)")
+    p.add_argument("--json-progress", action="store_true", help="per-epoch lines as JSON objects")
     p.set_defaults(func=cmd_demo)
 
 
@@ -51,7 +53,8 @@ def synthetic_cases(folder: Path, n: int) -> list[tuple[str, str, str]]:
 
 
 def run_demo(out: str, data: str | None = None, device: str = "cpu", trainer: str = DEFAULT_TRAINER,
-             n_cases: int = 6, n_test: int = 1, overwrite: bool = False) -> dict:
+             n_cases: int = 6, n_test: int = 1, overwrite: bool = False, epoch_lines: str | None = "text") -> dict:
+    """``epoch_lines``: "text" (one line per epoch: loss, pseudo-Dice, epoch time, ETA), "json" or None."""
     from medmamba.clinic.evaluate import evaluate
     from medmamba.nnunet import dataset as nn
 
@@ -84,6 +87,7 @@ def run_demo(out: str, data: str | None = None, device: str = "cpu", trainer: st
           f"{len(test_cases)} held out; trainer {trainer}; device {device}\n  output: {out_dir}\n"
           f"  nnU-Net's own output goes to {log}", flush=True)
     env = nn.nnunet_env(out_dir, n_proc_da=2)
+    env["PYTHONUNBUFFERED"] = "1"   # nnU-Net prints without flushing: unbuffered, its epoch lines arrive as they happen
     raw = nn.build_raw_dataset(train_cases, env["nnUNet_raw"], DEMO_DATASET_ID, DEMO_DATASET_NAME,
                                test_cases=test_cases, labels={"background": 0, "lesion": 1}, link=bool(data))
     times = {}
@@ -95,7 +99,10 @@ def run_demo(out: str, data: str | None = None, device: str = "cpu", trainer: st
 
     step("plan + preprocess", nn.plan_and_preprocess, DEMO_DATASET_ID, env, num_processes=2,
          extra=["--verify_dataset_integrity"])
-    step("train", nn.train, DEMO_DATASET_ID, "3d_fullres", 0, trainer, env, device=device)
+    from medmamba.nnunet.progress import EpochProgress
+
+    epochs = EpochProgress(stream=sys.stdout if epoch_lines else None, json_lines=epoch_lines == "json")
+    step("train", nn.train, DEMO_DATASET_ID, "3d_fullres", 0, trainer, env, device=device, on_line=epochs)
     pred_dir = out_dir / "predictions"
     step("predict", nn.predict, raw / "imagesTs", pred_dir, DEMO_DATASET_ID, "3d_fullres", trainer, env,
          device=device, extra=["--disable_tta"])
@@ -104,7 +111,7 @@ def run_demo(out: str, data: str | None = None, device: str = "cpu", trainer: st
     summary = evaluate(str(pred_dir), str(raw / "labelsTs"), str(out_dir / "evaluation"), images=str(raw / "imagesTs"),
                        progress=False)
     times["evaluate"] = time.perf_counter() - start
-    result = {"source": source, "trainer": trainer, "device": device, "seconds": times,
+    result = {"source": source, "trainer": trainer, "device": device, "seconds": times, "epochs": epochs.epochs,
               "total_seconds": time.perf_counter() - t0,
               "dice": {name: entry["metrics"]["1"]["dice"] for name, entry in summary["cases"].items()
                        if entry.get("status") == "ok" and "1" in entry.get("metrics", {})},
@@ -124,7 +131,8 @@ def run_demo(out: str, data: str | None = None, device: str = "cpu", trainer: st
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         run_demo(args.out, data=args.data, device=args.device, trainer=args.trainer, n_cases=args.cases,
-                 n_test=args.test_cases, overwrite=args.overwrite)
+                 n_test=args.test_cases, overwrite=args.overwrite,
+                 epoch_lines=None if args.quiet else ("json" if args.json_progress else "text"))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"medmamba demo: {exc}", file=sys.stderr)
         return 2

@@ -182,10 +182,11 @@ def _executable(name: str) -> list[str]:
 
 
 def run_nnunet(command: str, args: Iterable, env: Mapping[str, str], *, log: str | os.PathLike | None = None,
-               timeout: float | None = None, echo: bool = False) -> float:
+               timeout: float | None = None, echo: bool = False, on_line=None) -> float:
     """Run ``nnUNetv2_<command> args...`` with ``env``; returns the wall time in seconds.
 
-    Output goes to ``log`` (appended) and, with ``echo``, to stdout as well. Raises
+    Output goes to ``log`` (appended) and, with ``echo``, to stdout as well; ``on_line(line)`` is called for
+    each line (e.g. :class:`medmamba.nnunet.progress.EpochProgress`). Raises
     :class:`NnUNetCommandError` with the last 60 lines of output when the command fails.
     """
     cmd = _executable(command if command.startswith("nnUNetv2_") else "nnUNetv2_" + command) + [str(a) for a in args]
@@ -207,6 +208,8 @@ def run_nnunet(command: str, args: Iterable, env: Mapping[str, str], *, log: str
                     logf.write(line)
                 if echo:
                     sys.stdout.write(line)
+                if on_line is not None:
+                    on_line(line)
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -234,10 +237,11 @@ def plan_and_preprocess(dataset_id: int, env: Mapping[str, str], *, configuratio
 
 
 def train(dataset: int | str, configuration: str, fold: int | str, trainer: str, env: Mapping[str, str], *,
-          plans: str = "nnUNetPlans", device: str = "cpu", extra: Sequence[str] = (), log=None) -> float:
+          plans: str = "nnUNetPlans", device: str = "cpu", extra: Sequence[str] = (), log=None,
+          on_line=None) -> float:
     """``nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS -device DEVICE``."""
     return run_nnunet("train", [dataset, configuration, fold, "-tr", trainer, "-p", plans, "-device", device,
-                                *extra], env, log=log)
+                                *extra], env, log=log, on_line=on_line)
 
 
 def predict(input_dir, output_dir, dataset: int | str, configuration: str, trainer: str, env: Mapping[str, str], *,

@@ -56,6 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=500, help="checkpoint_latest.pth every N steps")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", dest="no_progress", action="store_true",
+                   help="same as --no-progress (the bar shows steps/s, ETA, loss, lr, crops/s)")
     p.set_defaults(func=cmd_pretrain)
     return p
 

@@ -1,0 +1,211 @@
+"""``medmamba export MODEL --format onnx OUT``: a trained model as ONNX, for deployment teams and CPU servers.
+
+MODEL is what ``medmamba predict`` takes: a MONAI bundle or an nnU-Net results folder of our trainers. The
+network is exported at its sliding-window patch size (static input ``(1, C, *patch)``, output logits
+``(1, classes, *patch)``; deep supervision off), with TorchScript tracing (``torch.onnx.export(dynamo=False)``):
+under tracing the selective scan records plain tensor ops (a chunked doubling scan: Exp, Mul, Add, Slice, Concat,
+Einsum; traced, it writes nothing in place, which the exporter would mishandle), so the file needs no custom
+operator and runs on any ONNX Runtime. One export-time adaptation, here rather than in the networks: ``permute``
+and ``movedim`` symbolics that accept negative dims.
+
+OUT, beside ``model.onnx``, holds the preprocessing the exported network expects:
+
+* from a bundle: a copy of the bundle (``configs/`` with its preprocessing and ``SlidingWindowInferer``) whose
+  ``network_def`` is :class:`medmamba.clinic.onnx_runtime.OnnxNetwork` on ``models/model.onnx`` and whose
+  ``models/model.pt`` is an empty placeholder: ``medmamba predict --model OUT --runtime onnxruntime`` and
+  ``python -m monai.bundle run`` both run it;
+* from nnU-Net: ``plans.json`` (spacing, normalisation, patch size) and ``dataset.json`` as the predictor used
+  them, and ``fold_<k>/model.onnx`` per fold;
+* ``onnx.json`` (``models/onnx.json`` for bundles): opset, input/output names and shapes, the source, and the
+  export check: max |ONNX Runtime - PyTorch| on a random window, refused above :data:`CHECK_TOLERANCE`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from medmamba.clinic import imageio, predict as _predict
+
+DEFAULT_OPSET = 17
+# export check: max |ORT - torch| on the logits of one random window, relative to max |logit| (float32 noise is
+# ~1e-6; a wrongly exported op shows up as 1e-2 and more)
+CHECK_TOLERANCE = 1e-3
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="export a bundle or nnU-Net model to ONNX (for ONNX Runtime)",
+                       description="Writes OUT with the ONNX network at its sliding-window patch size and the "
+                                   "preprocessing beside it. See docs/hospital.md.")
+    p.add_argument("model", help="MONAI bundle folder or nnU-Net results folder (Trainer__plans__config)")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--folds", nargs="+", help="nnU-Net: folds to export (default: every fold with the checkpoint)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="nnU-Net checkpoint file name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+@contextlib.contextmanager
+def _onnx_export_context(opset: int):
+    """``permute``/``movedim`` with negative dims (ONNX Transpose needs dims >= 0; TorchScript's symbolics pass
+    them through)."""
+    import torch
+    from torch.onnx import symbolic_helper
+
+    @symbolic_helper.parse_args("v", "is")
+    def permute(g, self, dims):
+        n = len(dims)
+        return g.op("Transpose", self, perm_i=[d % n for d in dims])
+
+    def movedim(g, self, source, destination):
+        rank = symbolic_helper._get_tensor_rank(self)
+        if rank is None:
+            raise RuntimeError("movedim on a tensor of unknown rank: cannot export")
+        src, dst = (symbolic_helper._node_get(v.node(), "value").tolist() for v in (source, destination))
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        src, dst = [d % rank for d in src], [d % rank for d in dst]
+        perm = [-1] * rank
+        for s_, d_ in zip(src, dst):
+            perm[d_] = s_
+        rest = iter(d for d in range(rank) if d not in src)
+        perm = [p if p >= 0 else next(rest) for p in perm]
+        return g.op("Transpose", self, perm_i=perm)
+
+    torch.onnx.register_custom_op_symbolic("aten::permute", permute, opset)
+    torch.onnx.register_custom_op_symbolic("aten::movedim", movedim, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::permute", opset)
+        torch.onnx.unregister_custom_op_symbolic("aten::movedim", opset)
+
+
+def export_network(net, shape, path: str, opset: int = DEFAULT_OPSET, seed: int = 0) -> dict:
+    """Trace ``net`` on a ``shape`` input, write ``path``, check it with ONNX Runtime; returns the check."""
+    import onnx
+    import torch
+    import warnings
+
+    from medmamba.clinic.onnx_runtime import session
+
+    net = net.eval().to("cpu")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    tmp = path + ".tmp"
+    start = time.perf_counter()
+    with torch.no_grad(), _onnx_export_context(opset), warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # tracer warnings about Python ints from shapes: shapes are static
+        torch.onnx.export(net, (x,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
+                          output_names=["logits"], do_constant_folding=True)
+        ref = net(x)
+    if isinstance(ref, (list, tuple)):
+        ref = ref[0]
+    onnx.checker.check_model(tmp)
+    seconds = time.perf_counter() - start
+    out = session(tmp).run(None, {"image": x.numpy()})[0]
+    diff, scale = float(np.abs(out - ref.numpy()).max()), float(np.abs(ref.numpy()).max())
+    check = {"max_abs_diff": diff, "max_abs_logit": scale, "relative": diff / max(scale, 1e-12),
+             "tolerance_relative": CHECK_TOLERANCE, "export_seconds": round(seconds, 1)}
+    if not check["relative"] <= CHECK_TOLERANCE:
+        os.remove(tmp)
+        raise RuntimeError(f"ONNX Runtime output differs from PyTorch: max |diff| {diff:.3g} (max |logit| {scale:.3g})")
+    os.replace(tmp, path)
+    return check
+
+
+def _bundle_channels(bundle: str) -> int:
+    try:
+        with open(os.path.join(bundle, "configs", "metadata.json")) as f:
+            return int(json.load(f)["network_data_format"]["inputs"]["image"]["num_channels"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 1
+
+
+def export_onnx(model: str, out: str, opset: int = DEFAULT_OPSET, folds=None,
+                checkpoint: str = "checkpoint_final.pth", overwrite: bool = False, log=print) -> dict:
+    """Export ``model`` (bundle or nnU-Net folder) to ``out``; returns the ``onnx.json`` content."""
+    import torch
+
+    kind = _predict.model_kind(model)
+    if os.path.exists(out) and os.listdir(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")
+        shutil.rmtree(out)
+    tmp_out = out.rstrip("/") + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    info = {"format": "onnx", "opset": opset, "kind": kind, "source": os.path.abspath(model),
+            "exporter": f"torch.onnx.export(dynamo=False), torch {torch.__version__}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "input": "image", "output": "logits"}
+    try:
+        if kind == "bundle":
+            runner = _predict.BundlePredictor(model, "cpu")
+            roi = [int(r) for r in runner.inferer.roi_size]
+            shape = [1, _bundle_channels(model), *roi]
+            shutil.copytree(model, tmp_out, ignore=shutil.ignore_patterns("*.pt", "*.pth", "*.ts", "eval", "logs"))
+            os.makedirs(os.path.join(tmp_out, "models"), exist_ok=True)
+            log(f"exporting {type(runner.net).__name__} at {shape} (opset {opset}) ...")
+            info["check"] = export_network(runner.net, shape, os.path.join(tmp_out, "models", "model.onnx"), opset)
+            torch.save({}, os.path.join(tmp_out, "models", "model.pt"))    # no weights: the network is the ONNX file
+            cfg_path = os.path.join(tmp_out, "configs", "inference.json")
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+            info["torch_network_def"] = cfg.get("network_def")
+            cfg["network_def"] = {"_target_": "medmamba.clinic.onnx_runtime.OnnxNetwork",
+                                  "path": "$@bundle_root + '/models/model.onnx'", "device": "@device"}
+            imageio.write_text_atomic(cfg_path, json.dumps(cfg, indent=2) + "\n")
+            info.update(input_shape=shape, network=type(runner.net).__name__, files={"model": "models/model.onnx"})
+            info_path = os.path.join(tmp_out, "models", "onnx.json")
+        else:
+            runner = _predict.NnunetPredictor(model, "cpu", folds=folds, checkpoint=checkpoint)
+            p = runner.predictor
+            cm = p.configuration_manager
+            n_in = len(p.dataset_json["channel_names"])
+            shape = [1, n_in, *[int(s) for s in cm.patch_size]]
+            os.makedirs(tmp_out)
+            imageio.write_text_atomic(os.path.join(tmp_out, "plans.json"), json.dumps(p.plans_manager.plans, indent=2))
+            imageio.write_text_atomic(os.path.join(tmp_out, "dataset.json"), json.dumps(p.dataset_json, indent=2))
+            fold_names = folds or [f.split("fold_")[-1] for f in sorted(os.listdir(model)) if f.startswith("fold_")
+                                   and os.path.isfile(os.path.join(model, f, checkpoint))]
+            info.update(input_shape=shape, network=type(p.network).__name__, trainer=p.trainer_name,
+                        configuration=cm.configuration_name if hasattr(cm, "configuration_name")
+                        else os.path.basename(os.path.normpath(model)).split("__")[-1],
+                        mirror_axes=list(p.allowed_mirroring_axes) if p.allowed_mirroring_axes is not None else None,
+                        files={}, check={})
+            for name, params in zip(fold_names, p.list_of_parameters):
+                p.network.load_state_dict(params)
+                os.makedirs(os.path.join(tmp_out, f"fold_{name}"))
+                rel = f"fold_{name}/model.onnx"
+                log(f"exporting {type(p.network).__name__} fold {name} at {shape} (opset {opset}) ...")
+                info["check"][str(name)] = export_network(p.network, shape, os.path.join(tmp_out, rel), opset)
+                info["files"][str(name)] = rel
+            info_path = os.path.join(tmp_out, "onnx.json")
+        imageio.write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
+        if os.path.isdir(out):
+            os.rmdir(out)           # empty: checked above
+        os.replace(tmp_out, out)
+    finally:
+        shutil.rmtree(tmp_out, ignore_errors=True)
+    return info
+
+
+def cmd_export(args) -> int:
+    try:
+        info = export_onnx(args.model, args.out, opset=args.opset, folds=args.folds, checkpoint=args.checkpoint,
+                           overwrite=args.overwrite, log=lambda m: print(m, flush=True))
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"medmamba export: error: {exc}", file=sys.stderr)
+        return 2
+    checks = [info["check"]] if "max_abs_diff" in info["check"] else list(info["check"].values())
+    worst = max(c["relative"] for c in checks)
+    print(f"wrote {args.out}: {info['network']} at {info['input_shape']}, opset {info['opset']}; "
+          f"ONNX Runtime vs PyTorch on a random window: max relative |diff| {worst:.1e} (limit {CHECK_TOLERANCE:g})")
+    return 0

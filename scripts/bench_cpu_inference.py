@@ -1,0 +1,100 @@
+"""Whole-volume CPU inference of one real CT (ibsi_sts STS_002): U-Mamba Bot vs nnU-Net's PlainConvUNet from the
+same plans (tests/data/bundle_sts_nnUNetPlans.json: nnU-Net 2.8.1's planner on ibsi_sts, patch 56x160x160),
+PyTorch eager vs ONNX Runtime, through ``medmamba predict`` (nnUNetPredictor's sliding window, step 0.5, Gaussian,
+no mirroring). Random weights: the time does not depend on them. Each run is its own process, timed by
+``predict_log.json`` (the case's seconds, model loading excluded) and ``/usr/bin/time`` (peak RSS).
+
+    python scripts/bench_cpu_inference.py --out /tmp/bench_cpu [--nets plain umamba_bot] [--threads 2]
+Writes OUT/results.json and prints a Markdown table (docs/benchmarks.md).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NETS = {"plain": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "umamba_bot": "medmamba.nets.umamba.UMambaBot", "umamba_enc": "medmamba.nets.umamba.UMambaEnc"}
+
+
+def make_model(out: Path, net: str) -> Path:
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = json.loads((ROOT / "tests" / "data" / "bundle_sts_nnUNetPlans.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = NETS[net]
+    pm = PlansManager(plans)
+    torch.manual_seed(0)
+    model = out / net / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (model / "fold_0").mkdir(parents=True, exist_ok=True)
+    network = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 2, False)
+    (model / "plans.json").write_text(json.dumps(plans))
+    (model / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0,
+                                                    "tumour": 1}, "numTraining": 3, "file_ending": ".nii.gz"}))
+    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer",
+                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": (0, 1, 2)},
+               model / "fold_0" / "checkpoint_final.pth")
+    return model
+
+
+def timed(cmd, env) -> tuple[int, float]:
+    """(exit status, peak RSS in MiB) of ``cmd`` under /usr/bin/time."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], env=env, capture_output=True, text=True)
+    rss = [l for l in proc.stderr.splitlines() if l.startswith("MAXRSS")]
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-3000:])
+    return proc.returncode, int(rss[-1].split()[1]) / 1024 if rss else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--nets", nargs="+", default=["plain", "umamba_bot"])
+    ap.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", default=os.environ.get("MEDMAMBA_DATA", str(ROOT.parent / "shared" / "data")))
+    args = ap.parse_args()
+    out = Path(args.out)
+    inp = out / "in"
+    inp.mkdir(parents=True, exist_ok=True)
+    ct = Path(args.data) / "ibsi_sts" / "STS_002" / "CT_image.nii.gz"
+    if not (inp / "STS_002_0000.nii.gz").exists():
+        os.symlink(ct, inp / "STS_002_0000.nii.gz")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "nnUNet_def_n_proc": "1",
+           "PYTHONWARNINGS": "ignore"}
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    med = [sys.executable, "-m", "medmamba"]
+    for net in args.nets:
+        model = make_model(out, net)
+        for rt in args.runtimes:
+            key = f"{net}/{rt}"
+            m = model
+            if rt == "onnxruntime":
+                m = out / net / "onnx"
+                if not m.exists():
+                    rc, _ = timed([*med, "export", str(model), "--format", "onnx", str(m)], env)
+                    if rc:
+                        results[key] = {"error": "export failed"}
+                        continue
+            pred = out / net / f"pred_{rt}"
+            rc, rss = timed([*med, "predict", "--model", str(m), "--input", str(inp), "--output", str(pred),
+                             "--device", "cpu", "--runtime", rt, "--no-mirroring", "--quiet", "--overwrite"], env)
+            log = json.loads((pred / "predict_log.json").read_text()) if (pred / "predict_log.json").exists() else {}
+            secs = log.get("cases", {}).get("STS_002", {}).get("seconds")
+            results[key] = {"seconds": secs, "peak_rss_mib": round(rss), "status": rc}
+            print(key, results[key], flush=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+    base = {rt: results.get(f"plain/{rt}", {}).get("seconds") for rt in args.runtimes}
+    print("| network | runtime | seconds | x PlainConvUNet (same runtime) | peak RSS (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for key, r in results.items():
+        net, rt = key.split("/")
+        ratio = f"{r['seconds'] / base[rt]:.2f}" if r.get("seconds") and base.get(rt) else ""
+        print(f"| {net} | {rt} | {r.get('seconds')} | {ratio} | {r.get('peak_rss_mib')} |")
+
+
+if __name__ == "__main__":
+    main()
