@@ -23,11 +23,8 @@ def main(argv=None) -> int:
     monai_cli.add_parser(sub)
     evaluate.add_parser(sub)
     predict.add_parser(sub)
-<<<<<<< HEAD
-    weights_cli.add_parser(sub)
-=======
     export.add_parser(sub)
->>>>>>> hospital
+    weights_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
