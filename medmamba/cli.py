@@ -13,6 +13,7 @@ def main(argv=None) -> int:
     from medmamba.clinic import evaluate, export, predict
     from medmamba.monai import cli as monai_cli
     from medmamba.nnunet import cli as nnunet_cli
+    from medmamba.nnunet import compare
     from medmamba.pretrain import cli as pretrain_cli
     from medmamba.weights import cli as weights_cli
 
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
     check.add_parser(sub)
     pretrain_cli.add_parser(sub)
     nnunet_cli.add_parsers(sub)
+    compare.add_parser(sub)
     monai_cli.add_parser(sub)
     evaluate.add_parser(sub)
     predict.add_parser(sub)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 __all__ = ["find_cases", "build_raw_dataset", "dataset_folder_name", "nnunet_env", "run_nnunet",
-           "plan_and_preprocess", "train", "predict", "NnUNetCommandError"]
+           "run_command", "plan_and_preprocess", "train", "predict", "NnUNetCommandError"]
 
 _NII = (".nii.gz", ".nii")
 
@@ -181,15 +181,15 @@ def _executable(name: str) -> list[str]:
     raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH; is nnunetv2 installed?")
 
 
-def run_nnunet(command: str, args: Iterable, env: Mapping[str, str], *, log: str | os.PathLike | None = None,
-               timeout: float | None = None, echo: bool = False, on_line=None) -> float:
-    """Run ``nnUNetv2_<command> args...`` with ``env``; returns the wall time in seconds.
+def run_command(cmd: Sequence[str], env: Mapping[str, str], *, log: str | os.PathLike | None = None,
+                timeout: float | None = None, echo: bool = False, on_line=None) -> float:
+    """Run ``cmd`` with ``env``; returns the wall time in seconds.
 
     Output goes to ``log`` (appended) and, with ``echo``, to stdout as well; ``on_line(line)`` is called for
     each line (e.g. :class:`medmamba.nnunet.progress.EpochProgress`). Raises
     :class:`NnUNetCommandError` with the last 60 lines of output when the command fails.
     """
-    cmd = _executable(command if command.startswith("nnUNetv2_") else "nnUNetv2_" + command) + [str(a) for a in args]
+    cmd = [str(a) for a in cmd]
     start = time.perf_counter()
     lines: list[str] = []
     logf = open(log, "a") if log else None
@@ -224,9 +224,18 @@ def run_nnunet(command: str, args: Iterable, env: Mapping[str, str], *, log: str
             logf.close()
     if rc != 0:
         tail = "".join(lines[-60:])
-        raise NnUNetCommandError(f"{' '.join(cmd)} failed with exit status {rc}"
+        err = NnUNetCommandError(f"{' '.join(cmd)} failed with exit status {rc}"
                                  + (f" (log: {log})" if log else "") + f"; last output:\n{tail}")
+        err.returncode, err.tail = rc, tail
+        raise err
     return time.perf_counter() - start
+
+
+def run_nnunet(command: str, args: Iterable, env: Mapping[str, str], *, log: str | os.PathLike | None = None,
+               timeout: float | None = None, echo: bool = False, on_line=None) -> float:
+    """Run ``nnUNetv2_<command> args...`` with ``env`` (see :func:`run_command`); returns the wall time in seconds."""
+    cmd = _executable(command if command.startswith("nnUNetv2_") else "nnUNetv2_" + command) + [str(a) for a in args]
+    return run_command(cmd, env, log=log, timeout=timeout, echo=echo, on_line=on_line)
 
 
 def plan_and_preprocess(dataset_id: int, env: Mapping[str, str], *, configurations: Sequence[str] = ("3d_fullres",),
