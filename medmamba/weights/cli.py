@@ -17,8 +17,12 @@ def add_parser(sub) -> None:
                        "VMamba ImageNet weights) into a state dict of ours that loads strictly",
         description="Writes {'network_weights': state dict, 'medmamba_weights': {...}}: what nnUNetv2_train "
                     "-pretrained_weights and `medmamba bundle create --checkpoint` read. Exit 2 on an unreadable "
-                    "or unfitting checkpoint (one line, naming the file and the keys).")
-    q.add_argument("--from", dest="source", required=True, choices=list(SOURCES), help="whose checkpoint CKPT is")
+                    "or unfitting checkpoint (one line, naming the file and the keys). Sources -> --arch: "
+                    "umamba -> umamba_bot|umamba_enc; lightm_unet -> lightm_unet; swin_umamba, vmamba -> "
+                    "swin_umamba; msvm_unet -> msvm_unet (2D); mhs_vm -> vm_unet_mhs (2D). vm_unet (SS2D "
+                    "mixers) and mambamim (HyMamba) are refused: our networks have no counterpart for their "
+                    "modules, and the error names the keys.")
+    q.add_argument("--from", dest="source", required=True, choices=list(SOURCES), help="whose checkpoint CKPT is (see the description for the --arch each converts to)")
     q.add_argument("ckpt", metavar="CKPT", help="the published checkpoint")
     q.add_argument("--arch", required=True, help="our registry name, e.g. umamba_bot, swin_umamba")
     q.add_argument("out", metavar="OUT", help="output file (.pth)")
