@@ -827,3 +827,21 @@ def test_mambamim_hymamba_checkpoint_is_refused_with_its_keys():
         convert("mambamim", {"model": {"encoder.stem.0.conv1.weight": torch.zeros(1)}}, "umamba_bot")
     with pytest.raises(CheckpointError, match="needs no conversion"):
         convert("mambamim", {"format": "medmamba.pretrain.mambamim/1", "model": {"x": torch.zeros(1)}}, "umamba_bot")
+
+
+def test_cli_import_new_sources(tmp_path):
+    g = torch.Generator().manual_seed(14)
+    ck = tmp_path / "best.pth"
+    sd = _mhs_state(official_mhs_vm_keys(3, 2, [24, 48], [1, 1], [1, 1], 4), g)
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, ck)  # DataParallel-saved
+    out = tmp_path / "mhs.pth"
+    r = _cli("--from", "mhs_vm", str(ck), "--arch", "vm_unet_mhs", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "threshold" in r.stdout
+    meta = torch.load(out, weights_only=False)["medmamba_weights"]
+    assert meta["arch"] == "vm_unet_mhs" and meta["net_kwargs"]["num_heads"] == 4
+    r = _cli("--from", "vm_unet", str(ck), "--arch", "vm_unet_mhs", str(tmp_path / "x.pth"))
+    assert r.returncode == 2 and "use --from mhs_vm" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--from", "mambamim", str(ck), "--arch", "umamba_bot", str(tmp_path / "y.pth"))
+    assert r.returncode == 2 and "not a MambaMIM" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()

@@ -26,7 +26,8 @@ Swin-UMamba encoder, loaded the way Swin-UMamba's ``load_pretrained_ckpt`` does)
 refused with the keys our networks cannot represent (see ``docs/model_card.md``), never converted
 partially.
 """
-from medmamba.weights.convert import (CheckpointError, Converted, SOURCES, convert, inflate_2d_to_3d,
-                                      load_checkpoint, save)
+from medmamba.weights.convert import (CheckpointError, Converted, REFUSED, SOURCES, clean_key, convert,
+                                      extract_state_dict, inflate_2d_to_3d, load_checkpoint, save)
 
-__all__ = ["CheckpointError", "Converted", "SOURCES", "convert", "inflate_2d_to_3d", "load_checkpoint", "save"]
+__all__ = ["CheckpointError", "Converted", "REFUSED", "SOURCES", "clean_key", "convert", "extract_state_dict",
+           "inflate_2d_to_3d", "load_checkpoint", "save"]

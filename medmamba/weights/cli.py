@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
     q.add_argument("--arch", required=True, help="our registry name, e.g. umamba_bot, swin_umamba")
     q.add_argument("out", metavar="OUT", help="output file (.pth)")
     q.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None,
-                   help="3 on a 2D-only network inflates its weights (see docs/model_card.md); default: the "
-                        "checkpoint's")
+                   help="3 on a 2D-only network inflates its weights (swin_umamba, vmamba; see "
+                        "docs/model_card.md; msvm_unet and mhs_vm convert to 2D only); default: the checkpoint's")
     q.add_argument("--inflate", choices=("average", "centre"), default="average",
                    help="2D -> 3D rule for odd conv kernels (default average)")
     q.add_argument("--net-kwargs", default="{}", help="JSON keywords for our network (e.g. strides, patch_size)")

@@ -12,7 +12,8 @@ import torch
 
 from medmamba import nets
 
-__all__ = ["CheckpointError", "Converted", "SOURCES", "convert", "inflate_2d_to_3d", "load_checkpoint", "save"]
+__all__ = ["CheckpointError", "Converted", "SOURCES", "REFUSED", "convert", "inflate_2d_to_3d", "load_checkpoint",
+           "save", "extract_state_dict", "clean_key"]
 
 #: source name -> registry names it can produce
 SOURCES = {
@@ -61,17 +62,33 @@ def load_checkpoint(path) -> object:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {msg})") from None
 
 
-def _clean(k: str) -> str:
-    for p in ("module.", "_orig_mod."):
-        while k.startswith(p):
-            k = k[len(p):]
-    return k.replace("._orig_mod.", ".")
+#: wrapper prefixes stripped from checkpoint keys: DistributedDataParallel / DataParallel, torch.compile
+STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _state_dict(ckpt, name: str) -> dict:
+def clean_key(k: str) -> str:
+    """``k`` without DDP / torch.compile wrapper prefixes (``module.``, ``_orig_mod.``, in any order and
+    number, and ``._orig_mod.`` inside a key)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in STRIP_PREFIXES:
+            if k.startswith(p):
+                k, changed = k[len(p):], True
+        if "._orig_mod." in k:
+            k, changed = k.replace("._orig_mod.", "."), True
+    return k
+
+
+def extract_state_dict(ckpt, name: str, error: type[Exception] = None) -> dict:
+    """The tensors of a loaded checkpoint, keys cleaned (:func:`clean_key`): its ``network_weights``
+    (nnU-Net, medmamba), ``state_dict`` or ``model`` dict, or the checkpoint itself when it is a bare
+    state dict. Anything else raises ``error`` (default :class:`CheckpointError`) naming ``name``.
+    Shared with ``medmamba.nnunet.pretrained``."""
+    error = error or CheckpointError
     if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{name}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    for key in ("network_weights", "model", "state_dict"):
+        raise error(f"{name}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    for key in ("network_weights", "state_dict", "model"):
         if isinstance(ckpt.get(key), Mapping):
             sd = ckpt[key]
             break
@@ -79,9 +96,9 @@ def _state_dict(ckpt, name: str) -> dict:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             sd = ckpt
         else:
-            raise CheckpointError(f"{name}: no 'network_weights' (nnU-Net), 'model' or 'state_dict' in the checkpoint; "
-                                  f"its keys are {sorted(map(str, ckpt))[:10]}")
-    return {_clean(str(k)): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            raise error(f"{name}: no 'network_weights' (nnU-Net / MambaMIM), 'state_dict' or 'model' in the "
+                        f"checkpoint; its keys are {sorted(map(str, ckpt))[:10]}")
+    return {clean_key(str(k)): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _fmt(items) -> str:
@@ -798,7 +815,7 @@ def convert(source: str, ckpt, arch: str, spatial_dims: int | None = None, net_k
         raise CheckpointError(f"inflate must be 'average' or 'centre', got {inflate!r}")
     name = str(ckpt) if isinstance(ckpt, (str, os.PathLike)) else "<checkpoint>"
     obj = load_checkpoint(ckpt) if isinstance(ckpt, (str, os.PathLike)) else ckpt
-    sd = _state_dict(obj, name)
+    sd = extract_state_dict(obj, name)
     return _CONVERTERS[source](sd, obj if isinstance(obj, Mapping) else {}, arch, spatial_dims,
                                dict(net_kwargs or {}), name, seed=seed, inflate=inflate,
                                in_channels=in_channels, out_channels=out_channels)
