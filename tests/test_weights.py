@@ -641,7 +641,7 @@ def test_msvm_unet_converter_errors():
     g = torch.Generator().manual_seed(11)
     sd = _official_state2(official_msvm_unet_keys(3, 2, [8, 16], [1, 1], [1]), g)
     broken = {k: v for k, v in sd.items() if k != "encoder.layers.0.blocks.0.op.Ds"}
-    with pytest.raises(CheckpointError, match=r"Missing in the checkpoint \(1\): encoder\.stages\.0\.0\.mixer\.Ds"):
+    with pytest.raises(CheckpointError, match=r"Missing in the checkpoint \(1\): encoder\.layers\.0\.blocks\.0\.op\.Ds"):
         convert("msvm_unet", broken, "msvm_unet")
     extra = dict(sd, **{"encoder.layers.0.blocks.0.op.x_proj_bias": torch.zeros(4, 3)})
     with pytest.raises(CheckpointError, match=r"no counterpart in msvm_unet: encoder\.layers\.0\.blocks\.0\.op\.x_proj_bias"):
@@ -805,6 +805,16 @@ def test_mhs_vm_and_vm_unet_errors():
         convert("mhs_vm", missing, "vm_unet_mhs")
     with pytest.raises(CheckpointError, match="families"):
         convert("mhs_vm", sd, "vm_unet_mhs", net_kwargs={"families": ["raster", "snake", "spiral"]})
+    gone = {k: v for k, v in sd.items() if not k.startswith("vmunet.layers_up.1.blocks.0.self_attention.out_norm.")}
+    with pytest.raises(CheckpointError, match=r"Missing in the checkpoint \(2\): layers_up\.1\.blocks\.0\."
+                                              r"self_attention\.out_norm\.weight"):
+        convert("mhs_vm", gone, "vm_unet_mhs")
+    no_proj = {k: v for k, v in sd.items() if ".mhs.y_proj." not in k and ".mhs.cat_norm." not in k}
+    with pytest.raises(CheckpointError, match="with_proj"):
+        convert("mhs_vm", no_proj, "vm_unet_mhs")
+    # MHS-VM's latest.pth: {'epoch', ..., 'model_state_dict': VMUNet.state_dict(), 'optimizer_state_dict', ...}
+    conv = convert("mhs_vm", {"epoch": 3, "model_state_dict": sd, "optimizer_state_dict": {}}, "vm_unet_mhs")
+    assert conv.net_kwargs["num_heads"] == 3
     # a VM-UNet (SS2D) checkpoint: refused, naming the SS2D tensors
     vm = {"vmunet.patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "vmunet.layers.0.blocks.0.ln_1.weight": torch.ones(8)}
     vm.update({f"vmunet.{k}": torch.zeros(s) for k, s in _vss_keys("layers.0.blocks.0", 8).items()})

@@ -80,15 +80,20 @@ def clean_key(k: str) -> str:
     return k
 
 
+#: where checkpoints keep the network's state dict, first found wins: nnU-Net / medmamba, Lightning and
+#: many repositories, VM-UNet / MHS-VM ``latest.pth``, VMamba / Swin / MSVM-style ``{"model": ...}``
+_STATE_KEYS = ("network_weights", "state_dict", "model_state_dict", "model")
+
+
 def extract_state_dict(ckpt, name: str, error: type[Exception] = None) -> dict:
     """The tensors of a loaded checkpoint, keys cleaned (:func:`clean_key`): its ``network_weights``
-    (nnU-Net, medmamba), ``state_dict`` or ``model`` dict, or the checkpoint itself when it is a bare
+    (nnU-Net, medmamba), ``state_dict``, ``model_state_dict`` or ``model`` dict, or the checkpoint itself when it is a bare
     state dict. Anything else raises ``error`` (default :class:`CheckpointError`) naming ``name``.
     Shared with ``medmamba.nnunet.pretrained``."""
     error = error or CheckpointError
     if not isinstance(ckpt, Mapping):
         raise error(f"{name}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    for key in ("network_weights", "state_dict", "model"):
+    for key in _STATE_KEYS:
         if isinstance(ckpt.get(key), Mapping):
             sd = ckpt[key]
             break
@@ -96,8 +101,8 @@ def extract_state_dict(ckpt, name: str, error: type[Exception] = None) -> dict:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             sd = ckpt
         else:
-            raise error(f"{name}: no 'network_weights' (nnU-Net / MambaMIM), 'state_dict' or 'model' in the "
-                        f"checkpoint; its keys are {sorted(map(str, ckpt))[:10]}")
+            raise error(f"{name}: no 'network_weights' (nnU-Net / MambaMIM), 'state_dict', 'model_state_dict' or "
+                        f"'model' in the checkpoint; its keys are {sorted(map(str, ckpt))[:10]}")
     return {clean_key(str(k)): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -155,17 +160,18 @@ def _map_keys(sd: Mapping, key_fn: Callable, name: str, arch: str) -> tuple[dict
 
 
 def _assemble(net: torch.nn.Module, mapped: dict, origin: dict, name: str, source: str, arch: str,
-              fresh: tuple = ()) -> dict:
+              fresh: tuple = (), official: Callable | None = None) -> dict:
     """Load ``mapped`` (our key -> tensor) into ``net`` strictly; keys under ``fresh`` prefixes may be
-    absent (they keep the network's seeded initialisation). ``origin``: our key -> official key."""
+    absent (they keep the network's seeded initialisation). ``origin``: our key -> official key;
+    ``official``: our key -> the official key expected for it (names the keys a checkpoint lacks)."""
     ours = net.state_dict()
-    inv = {v: k for k, v in origin.items()}
+    inv = {k: (official(k) if official else None) or k for k in ours}
     unexpected = [origin.get(k, k) for k in mapped if k not in ours]
     missing = [k for k in ours if k not in mapped and not any(k.startswith(p) for p in fresh)]
     if missing or unexpected:
         msg = f"{name}: the checkpoint does not fit {arch} (source '{source}')."
         if missing:
-            msg += f" Missing in the checkpoint ({len(missing)}): {_fmt(inv.get(k, k) for k in missing)}."
+            msg += f" Missing in the checkpoint ({len(missing)}): {_fmt(inv[k] for k in missing)}."
         if unexpected:
             msg += f" Not placed in {arch} ({len(unexpected)}): {_fmt(unexpected)}."
         msg += " Is it a checkpoint of another network or configuration?"
@@ -533,6 +539,36 @@ def msvm_unet_key(k: str) -> str | None:
 _LINEAR2D = re.compile(r"(mixer\.(in_proj|out_proj)|ffn\.fc[12]|\.concat)\.weight$")
 
 
+def _first_sub(rules, k: str) -> str | None:
+    for pat, rep in rules:
+        if re.match(pat, k):
+            return re.sub(pat, rep, k)
+    return None
+
+
+_VSS_V2_BACK = [(r"mixer\.conv\.weight$", "op.conv2d.weight"), (r"mixer\.(.+)$", r"op.\1"),
+                (r"ffn\.ms_conv\.(.+)$", r"mlp.multiscale_conv.\1"), (r"ffn\.(.+)$", r"mlp.\1"), (r"(.+)$", r"\1")]
+
+
+def msvm_unet_official_key(k: str) -> str | None:
+    """Our MSVM-UNet key -> the official key (the inverse of :func:`msvm_unet_key`), for error messages."""
+    stem = {v: f for f, v in _MSVM_STEM.items()}
+    m = re.match(r"encoder\.stem\.(\d)\.(.+)$", k)
+    if m and m.group(1) in stem:
+        return f"encoder.{stem[m.group(1)]}.{m.group(2)}"
+    m = re.match(r"(encoder\.stages\.(\d+)\.(\d+)|decoder\.up_blocks\.(\d+)\.blocks\.(\d+))\.(.+)$", k)
+    if m:
+        head = f"encoder.layers.{m.group(2)}.blocks.{m.group(3)}" if m.group(2) is not None else \
+            f"decoder.layers.{m.group(4)}.vss_layer.blocks.{m.group(5)}"
+        return f"{head}.{_first_sub(_VSS_V2_BACK, m.group(6))}"
+    return _first_sub([(r"encoder\.downsamples\.(\d+)\.conv\.(.+)$", r"encoder.downsamples.\1.1.\2"),
+                       (r"encoder\.downsamples\.(\d+)\.norm\.(.+)$", r"encoder.downsamples.\1.3.\2"),
+                       (r"decoder\.up_blocks\.(\d+)\.up\.(.+)$", r"decoder.layers.\1.up.\2"),
+                       (r"decoder\.up_blocks\.(\d+)\.concat\.(.+)$", r"decoder.layers.\1.concat_layer.\2"),
+                       (r"decoder\.final\.steps\.0\.(.+)$", r"decoder.out_layers.0.\1"),
+                       (r"decoder\.seg_layers\.0\.(.+)$", r"decoder.out_layers.0.out.\1")], k)
+
+
 def _from_2d_only(spatial_dims, name, what):
     if spatial_dims == 3:
         raise CheckpointError(f"{name}: {what} is 2D only and our 3D variant has other shapes (see docs/model_card.md); "
@@ -564,7 +600,8 @@ def _from_msvm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_)
         net = nets.create(arch, in_ch, out_ch, 2, **kw)
     except ValueError as exc:
         raise CheckpointError(f"{name}: {exc}") from None
-    state = _assemble(net, mapped, origin, name, "msvm_unet", arch, fresh=_ds_heads(net))
+    state = _assemble(net, mapped, origin, name, "msvm_unet", arch, fresh=_ds_heads(net),
+                      official=msvm_unet_official_key)
     notes = [f"decoder.seg_layers.1..: our deep-supervision heads (not in the official network) keep their seeded "
              f"initialisation (seed {seed}); unused without deep supervision"]
     if in_ch == 3:
@@ -642,6 +679,27 @@ def mhs_vm_key(k: str) -> str | None:
     return None
 
 
+_MHS_BLOCK_BACK = [(r"norm\.(.+)$", r"ln_1.\1"), (r"mixer\.conv\.(.+)$", r"self_attention.conv2d.\1"),
+                   (r"mixer\.mhs\.in_proj\.weight$", "self_attention.mhs.x_ssproj.weight"),
+                   (r"mixer\.mhs\.out_norm\.(.+)$", r"self_attention.mhs.cat_norm.\1"),
+                   (r"mixer\.mhs\.out_proj\.weight$", "self_attention.mhs.y_proj.weight"),
+                   (r"mixer\.mhs\.(\w+)$", r"self_attention.mhs.scanhead_*.mambaeng.\1"),
+                   (r"mixer\.(.+)$", r"self_attention.\1")]
+
+
+def mhs_vm_official_key(k: str) -> str | None:
+    """Our VMUNetMHS key -> the official MHS-VM VSSM key (without ``vmunet.``), for error messages."""
+    m = re.match(r"(encoder|decoder)\.stages\.(\d+)\.blocks\.(\d+)\.(.+)$", k)
+    if m:
+        layer = "layers" if m.group(1) == "encoder" else "layers_up"
+        return f"{layer}.{m.group(2)}.blocks.{m.group(3)}.{_first_sub(_MHS_BLOCK_BACK, m.group(4))}"
+    return _first_sub([(r"encoder\.patch_embed\.(.+)$", r"patch_embed.\1"),
+                       (r"encoder\.stages\.(\d+)\.downsample\.(.+)$", r"layers.\1.downsample.\2"),
+                       (r"decoder\.stages\.(\d+)\.upsample\.(.+)$", r"layers_up.\1.upsample.\2"),
+                       (r"decoder\.final_expand\.(.+)$", r"final_up.\1"),
+                       (r"decoder\.seg_layers\.0\.(.+)$", r"final_conv.\1")], k)
+
+
 def _strip_vmunet(sd: dict) -> dict:
     """VMUNet keeps the VSSM under ``vmunet.``; a bare VSSM state dict is accepted as well."""
     if any(k.startswith("vmunet.") for k in sd):
@@ -708,6 +766,12 @@ def _from_mhs_vm(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
     if not heads:
         raise CheckpointError(f"{name}: no MHS scan heads (layers.*.blocks.*.self_attention.mhs.scanhead_*): "
                               f"not an MHS-VM checkpoint")
+    no_proj = sorted(k[:-len("x_ssproj.weight")] for k in rest if k.endswith(".mhs.x_ssproj.weight")
+                     and k[:-len("x_ssproj.weight")] + "y_proj.weight" not in rest)
+    if no_proj:
+        raise CheckpointError(f"{name}: MHS blocks without cat_norm / y_proj (para_dict 'with_proj': False): our "
+                              f"MultiHeadScan always normalises and projects the heads, so these blocks cannot be "
+                              f"represented: {_fmt(p + 'y_proj.weight' for p in no_proj)} absent")
     from medmamba.layers.multi_head_scan import DEFAULT_FAMILIES
     fam = list(DEFAULT_FAMILIES[:heads])
     if "families" in net_kwargs and list(net_kwargs["families"]) != fam:
@@ -730,9 +794,10 @@ def _from_mhs_vm(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
         net = nets.create(arch, in_ch, out_ch, 2, **kw)
     except ValueError as exc:
         raise CheckpointError(f"{name}: {exc}") from None
-    state = _assemble(net, mapped, origin, name, "mhs_vm", arch, fresh=_ds_heads(net))
+    state = _assemble(net, mapped, origin, name, "mhs_vm", arch, fresh=_ds_heads(net), official=mhs_vm_official_key)
     notes = [f"threshold (the SRA 'gfu_t' of para_dict) is not stored in the checkpoint: {kw.get('threshold', 0.5)} "
-             f"is used; pass --net-kwargs '{{\"threshold\": T}}' with the value of the training config",
+             f"is used (the released config: 0.5 for ISIC18, 0.0 for ISIC17); pass --net-kwargs "
+             f"'{{\"threshold\": T}}' with the value of the training config",
              f"decoder.seg_layers.1..: our deep-supervision heads keep their seeded initialisation (seed {seed})"]
     if out_ch == 1:
         notes.append("num_classes 1: the official VMUNet.forward applies a sigmoid; ours returns logits")
