@@ -855,3 +855,100 @@ def test_cli_import_new_sources(tmp_path):
     r = _cli("--from", "mambamim", str(ck), "--arch", "umamba_bot", str(tmp_path / "y.pth"))
     assert r.returncode == 2 and "not a MambaMIM" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# whole networks: the official forward re-implemented from the official tensors vs ours after conversion
+# ------------------------------------------------------------------------------------------------
+
+def _sub_pixel_last(x, r):
+    """einops 'b h w (p1 p2 c) -> b (h p1) (w p2) c' (VM-UNet / MHS-VM / MSVM-UNet patch expanding)."""
+    b, h, w, cc = x.shape
+    c = cc // (r * r)
+    return x.view(b, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c)
+
+
+def official_mhs_vm_forward(img, sd, dims, depths, dec_depths, families, t):
+    """MHS-VM VSSM.forward (forward_features, forward_features_up, forward_final), eval mode."""
+    v = lambda k: sd[f"vmunet.{k}"]
+    ln = lambda t_, q: F.layer_norm(t_, (t_.shape[-1],), v(f"{q}.weight"), v(f"{q}.bias"))
+    x = ln(F.conv2d(img, v("patch_embed.proj.weight"), v("patch_embed.proj.bias"), stride=4).permute(0, 2, 3, 1),
+           "patch_embed.norm")
+    skips = []
+    for i, d in enumerate(depths):
+        skips.append(x)
+        for j in range(d):
+            x = official_vss_gate(x, sd, f"vmunet.layers.{i}.blocks.{j}", families, t)
+        if i < len(depths) - 1:
+            x = official_patch_merging_2d(x, v(f"layers.{i}.downsample.norm.weight"), v(f"layers.{i}.downsample.norm.bias"),
+                                          v(f"layers.{i}.downsample.reduction.weight"))
+    for i, d in enumerate(dec_depths):
+        if i > 0:
+            x = x + skips[-i]
+            x = ln(_sub_pixel_last(x @ v(f"layers_up.{i}.upsample.expand.weight").t(), 2), f"layers_up.{i}.upsample.norm")
+        for j in range(d):
+            x = official_vss_gate(x, sd, f"vmunet.layers_up.{i}.blocks.{j}", families, t)
+    x = ln(_sub_pixel_last(x @ v("final_up.expand.weight").t(), 4), "final_up.norm")
+    return F.conv2d(x.permute(0, 3, 1, 2), v("final_conv.weight"), v("final_conv.bias"))
+
+
+def test_mhs_vm_whole_network_matches_official_forward():
+    g = torch.Generator().manual_seed(15)
+    dims, depths, dec = [24, 48], [1, 1], [1, 1]
+    sd = _mhs_state(official_mhs_vm_keys(3, 2, dims, depths, dec, 4), g)
+    conv = convert("mhs_vm", sd, "vm_unet_mhs", net_kwargs={"drop_path_rate": 0.0})
+    net = nets.create("vm_unet_mhs", 3, 2, 2, **conv.net_kwargs).eval()
+    net.load_state_dict(conv.state_dict, strict=True)
+    img = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = official_mhs_vm_forward(img, sd, dims, depths, dec, conv.net_kwargs["families"], 0.5)
+        torch.testing.assert_close(net(img), ref, rtol=1e-4, atol=1e-4)
+
+
+def _official_lkpe(x, sd, p, r):
+    """LKPE / FLKPE expand (1x1 conv - BN (eval) - ReLU - depthwise 3x3), sub-pixel r, LN; channels-first."""
+    h = F.conv2d(x, sd[f"{p}.expand.0.weight"], sd[f"{p}.expand.0.bias"])
+    h = F.batch_norm(h, sd[f"{p}.expand.1.running_mean"], sd[f"{p}.expand.1.running_var"],
+                     sd[f"{p}.expand.1.weight"], sd[f"{p}.expand.1.bias"], False, 0.0, 1e-5)
+    h = F.conv2d(F.relu(h), sd[f"{p}.expand.3.weight"], sd[f"{p}.expand.3.bias"], padding=1, groups=h.shape[1])
+    h = _sub_pixel_last(h.permute(0, 2, 3, 1), r)
+    return F.layer_norm(h, (h.shape[-1],), sd[f"{p}.norm.weight"], sd[f"{p}.norm.bias"]).permute(0, 3, 1, 2)
+
+
+def official_msvm_unet_forward(img, sd, depths, dec_depths):
+    """MSVMUNet.forward = decoder(encoder(x)[::-1]), eval mode, channels-first throughout."""
+    ln2d = lambda t, q: F.layer_norm(t.movedim(1, -1), (t.shape[1],), sd[f"{q}.weight"], sd[f"{q}.bias"]).movedim(-1, 1)
+    x = F.conv2d(img, sd["encoder.layer0.0.weight"], sd["encoder.layer0.0.bias"], stride=2, padding=1)
+    x = F.conv2d(F.gelu(ln2d(x, "encoder.layer0.2")), sd["encoder.layer1.0.weight"], sd["encoder.layer1.0.bias"],
+                 stride=2, padding=1)
+    x = ln2d(x, "encoder.layer1.2")
+    feats = []
+    for i, d in enumerate(depths):
+        for j in range(d):
+            x = official_msvm_vss_block(x, sd, f"encoder.layers.{i}.blocks.{j}")
+        feats.append(x)
+        if i < len(depths) - 1:
+            x = ln2d(F.conv2d(x, sd[f"encoder.downsamples.{i}.1.weight"], sd[f"encoder.downsamples.{i}.1.bias"],
+                              stride=2, padding=1), f"encoder.downsamples.{i}.3")
+    feats = feats[::-1]
+    x = feats[0]
+    for k, d in enumerate(dec_depths):
+        x = torch.cat([_official_lkpe(x, sd, f"decoder.layers.{k}.up", 2), feats[k + 1]], 1)
+        x = F.conv2d(x, sd[f"decoder.layers.{k}.concat_layer.weight"][:, :, None, None],
+                     sd[f"decoder.layers.{k}.concat_layer.bias"])
+        for j in range(d):
+            x = official_msvm_vss_block(x, sd, f"decoder.layers.{k}.vss_layer.blocks.{j}", ms=True)
+    x = _official_lkpe(x, sd, "decoder.out_layers.0", 4)
+    return F.conv2d(x, sd["decoder.out_layers.0.out.weight"], sd["decoder.out_layers.0.out.bias"])
+
+
+def test_msvm_unet_whole_network_matches_official_forward():
+    g = torch.Generator().manual_seed(16)
+    dims, depths, dec = [8, 16], [1, 1], [1]
+    sd = _official_state2(official_msvm_unet_keys(3, 2, dims, depths, dec), g)
+    conv = convert("msvm_unet", sd, "msvm_unet", net_kwargs={"drop_path_rate": 0.0})
+    net = nets.create("msvm_unet", 3, 2, 2, **conv.net_kwargs).eval()
+    net.load_state_dict(conv.state_dict, strict=True)
+    img = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(net(img), official_msvm_unet_forward(img, sd, depths, dec), rtol=1e-4, atol=1e-4)
