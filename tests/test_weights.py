@@ -8,6 +8,7 @@ decoder, MambaMIM's light decoder) check that our networks compute the same from
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -473,3 +474,481 @@ def test_cli_import_overwrite_and_corrupt(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.pth").exists()
     r = _cli("--from", "lightm_unet", str(ck), "--arch", "lightm_unet", str(tmp_path / "y.pth"))
     assert r.returncode == 2 and "convInit.0.conv.weight" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# MSVM-UNet (gndlwch2w/msvm-unet @ 52e3474f: model/__init__.py MSVMUNet(encoder, decoder); model/encoder.py
+# Encoder(layer0 = patch_embed[0:5], layer1 = patch_embed[5:8], layers, downsamples); model/decoder.py
+# Decoder(layers = UpBlock(up: LKPE, concat_layer: Linear2d, vss_layer: MSVSS.blocks), out_layers.0: FLKPE);
+# model/vmamba/vmamba.py VSSBlock(norm, op: SS2D v05_noz, norm2, mlp), Linear2d weight (out, in), LayerNorm2d)
+# ------------------------------------------------------------------------------------------------
+
+def _msvm_block_keys(p, c, n_state=1, ratio=4, ms=False):
+    r = math.ceil(c / 16)
+    keys = {f"{p}.norm.weight": (c,), f"{p}.norm.bias": (c,),
+            f"{p}.op.in_proj.weight": (c, c),  # Linear2d, d_inner = C (ssm_ratio 1), no z (v05_noz), no bias
+            f"{p}.op.conv2d.weight": (c, 1, 3, 3),  # ssm_conv_bias False
+            f"{p}.op.x_proj_weight": (4, r + 2 * n_state, c), f"{p}.op.dt_projs_weight": (4, c, r),
+            f"{p}.op.dt_projs_bias": (4, c), f"{p}.op.A_logs": (4 * c, n_state), f"{p}.op.Ds": (4 * c,),
+            f"{p}.op.out_norm.weight": (c,), f"{p}.op.out_norm.bias": (c,), f"{p}.op.out_proj.weight": (c, c),
+            f"{p}.norm2.weight": (c,), f"{p}.norm2.bias": (c,),
+            f"{p}.mlp.fc1.weight": (ratio * c, c), f"{p}.mlp.fc1.bias": (ratio * c,),
+            f"{p}.mlp.fc2.weight": (c, ratio * c), f"{p}.mlp.fc2.bias": (c,)}
+    if ms:  # MS_MLP.multiscale_conv: depthwise k 1, 3, 5 without bias
+        keys.update({f"{p}.mlp.multiscale_conv.dw_convs.{i}.weight": (ratio * c, 1, k, k)
+                     for i, k in enumerate((1, 3, 5))})
+    return keys
+
+
+def _lkpe_keys(p, c_in, hidden, c_norm):
+    return {f"{p}.expand.0.weight": (hidden, c_in, 1, 1), f"{p}.expand.0.bias": (hidden,),
+            f"{p}.expand.1.weight": (hidden,), f"{p}.expand.1.bias": (hidden,), f"{p}.expand.1.running_mean": (hidden,),
+            f"{p}.expand.1.running_var": (hidden,), f"{p}.expand.1.num_batches_tracked": (),
+            f"{p}.expand.3.weight": (hidden, 1, 3, 3), f"{p}.expand.3.bias": (hidden,),
+            f"{p}.norm.weight": (c_norm,), f"{p}.norm.bias": (c_norm,)}
+
+
+def official_msvm_unet_keys(cin, classes, dims, depths, dec_depths):
+    half = dims[0] // 2
+    keys = {"encoder.layer0.0.weight": (half, cin, 3, 3), "encoder.layer0.0.bias": (half,),
+            "encoder.layer0.2.weight": (half,), "encoder.layer0.2.bias": (half,),
+            "encoder.layer1.0.weight": (dims[0], half, 3, 3), "encoder.layer1.0.bias": (dims[0],),
+            "encoder.layer1.2.weight": (dims[0],), "encoder.layer1.2.bias": (dims[0],)}
+    for i, (c, d) in enumerate(zip(dims, depths)):
+        for j in range(d):
+            keys.update(_msvm_block_keys(f"encoder.layers.{i}.blocks.{j}", c))
+        if i < len(dims) - 1:  # _make_downsample_v3: (Identity, conv 3 s2, Identity, LN2d); the last is Identity
+            keys.update({f"encoder.downsamples.{i}.1.weight": (dims[i + 1], c, 3, 3),
+                         f"encoder.downsamples.{i}.1.bias": (dims[i + 1],),
+                         f"encoder.downsamples.{i}.3.weight": (dims[i + 1],),
+                         f"encoder.downsamples.{i}.3.bias": (dims[i + 1],)})
+    rd = dims[::-1]
+    for k in range(len(dims) - 1):
+        cin_k, cout = rd[k], rd[k + 1]
+        keys.update(_lkpe_keys(f"decoder.layers.{k}.up", cin_k, 2 * cin_k, cin_k // 2))
+        keys.update({f"decoder.layers.{k}.concat_layer.weight": (cout, 2 * cout),
+                     f"decoder.layers.{k}.concat_layer.bias": (cout,)})
+        for j in range(dec_depths[k]):
+            keys.update(_msvm_block_keys(f"decoder.layers.{k}.vss_layer.blocks.{j}", cout, ms=True))
+    keys.update(_lkpe_keys("decoder.out_layers.0", dims[0], 16 * dims[0], dims[0]))
+    keys.update({"decoder.out_layers.0.out.weight": (classes, dims[0], 1, 1), "decoder.out_layers.0.out.bias": (classes,)})
+    return keys
+
+
+def _official_state2(keys, g):
+    sd = {}
+    for k, shape in keys.items():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = torch.tensor(7)
+        elif k.endswith(("A_logs", "A_log")):
+            sd[k] = torch.log(torch.arange(1, shape[1] + 1, dtype=torch.float32)).repeat(shape[0], 1) + _rand(shape, g)
+        elif k.endswith(("running_var", ".Ds")) or re.search(r"norm\d?\.weight$|\.2\.weight$|\.1\.weight$", k) and len(shape) == 1:
+            sd[k] = 1 + _rand(shape, g)
+        else:
+            sd[k] = _rand(shape, g)
+    return sd
+
+
+def _official_cross_scan_2d(x, xw, dtw, dtb, alogs, ds):
+    """VMamba SS2D core (v0/v2 order): routes row-major, column-major and both flipped, per-route
+    x_proj / dt_proj / A / D, outputs put back and summed. x: (B, D, H, W) -> (B, D, H, W)."""
+    from medmamba.kernels.reference import selective_scan_ref
+    b, d, h, w = x.shape
+    n = alogs.shape[1]
+    r = dtw.shape[2]
+    row, col = x.flatten(2), x.transpose(2, 3).flatten(2)
+    xs = torch.stack([row, col, row.flip(-1), col.flip(-1)], 1)  # (B, 4, D, L)
+    ys = []
+    for k in range(4):
+        dbl = torch.einsum("bdl,cd->bcl", xs[:, k], xw[k])
+        dt, bb, cc = dbl.split([r, n, n], 1)
+        dt = torch.einsum("brl,dr->bdl", dt, dtw[k])
+        ys.append(selective_scan_ref(xs[:, k], dt, -torch.exp(alogs.view(4, d, n)[k]), bb, cc, ds.view(4, d)[k],
+                                     delta_bias=dtb[k], delta_softplus=True))
+    y0, y1, y2, y3 = ys
+    back_col = lambda t: t.view(b, d, w, h).transpose(2, 3).reshape(b, d, h * w)
+    return (y0 + y2.flip(-1) + back_col(y1) + back_col(y3.flip(-1))).view(b, d, h, w)
+
+
+def official_msvm_vss_block(x, sd, p, ms=False):
+    """VMamba-v2 VSSBlock, channels-first (ln2d / Linear2d), forward type v05_noz, from the official tensors."""
+    ln2d = lambda t, q: F.layer_norm(t.movedim(1, -1), (t.shape[1],), sd[f"{q}.weight"], sd[f"{q}.bias"], 1e-5).movedim(-1, 1)
+    lin2d = lambda t, q, bias=True: F.conv2d(t, sd[f"{q}.weight"][:, :, None, None], sd.get(f"{q}.bias") if bias else None)
+    h = ln2d(x, f"{p}.norm")
+    h = lin2d(h, f"{p}.op.in_proj", bias=False)
+    h = F.silu(F.conv2d(h, sd[f"{p}.op.conv2d.weight"], padding=1, groups=h.shape[1]))
+    h = _official_cross_scan_2d(h, sd[f"{p}.op.x_proj_weight"], sd[f"{p}.op.dt_projs_weight"],
+                                sd[f"{p}.op.dt_projs_bias"], sd[f"{p}.op.A_logs"], sd[f"{p}.op.Ds"])
+    h = lin2d(ln2d(h, f"{p}.op.out_norm"), f"{p}.op.out_proj", bias=False)
+    x = x + h
+    h = F.gelu(lin2d(ln2d(x, f"{p}.norm2"), f"{p}.mlp.fc1"))
+    if ms:
+        h = h + sum(F.conv2d(h, sd[f"{p}.mlp.multiscale_conv.dw_convs.{i}.weight"], padding=k // 2, groups=h.shape[1])
+                    for i, k in enumerate((1, 3, 5)))
+    return x + lin2d(h, f"{p}.mlp.fc2")
+
+
+def test_msvm_unet_checkpoint_converts_and_blocks_match_official():
+    g = torch.Generator().manual_seed(10)
+    dims, depths, dec = [8, 16], [1, 2], [1]
+    keys = official_msvm_unet_keys(3, 2, dims, depths, dec)
+    sd = _official_state2(keys, g)
+    conv = convert("msvm_unet", sd, "msvm_unet", net_kwargs={"drop_path_rate": 0.0})
+    assert conv.net_kwargs["dims"] == dims and conv.net_kwargs["depths"] == depths
+    assert conv.net_kwargs["decoder_depths"] == dec and conv.net_kwargs["d_state"] == 1
+    net = nets.create("msvm_unet", 3, 2, 2, **conv.net_kwargs).eval()
+    net.load_state_dict(conv.state_dict, strict=True)
+    mine = net.state_dict()
+    # every official tensor placed exactly once; only our deep-supervision head is extra
+    assert sorted(k for k in mine if not k.startswith("decoder.seg_layers.1.")) == \
+        sorted(__import__("medmamba.weights.convert", fromlist=["x"]).msvm_unet_key(k) for k in sd)
+    for ours, off in [("encoder.stem.0.weight", "encoder.layer0.0.weight"), ("encoder.stem.1.bias", "encoder.layer0.2.bias"),
+                      ("encoder.stem.3.weight", "encoder.layer1.0.weight"), ("encoder.stem.4.weight", "encoder.layer1.2.weight"),
+                      ("encoder.downsamples.0.conv.weight", "encoder.downsamples.0.1.weight"),
+                      ("encoder.downsamples.0.norm.bias", "encoder.downsamples.0.3.bias"),
+                      ("encoder.stages.1.1.mixer.A_logs", "encoder.layers.1.blocks.1.op.A_logs"),
+                      ("decoder.up_blocks.0.up.expand.1.running_var", "decoder.layers.0.up.expand.1.running_var"),
+                      ("decoder.up_blocks.0.concat.weight", "decoder.layers.0.concat_layer.weight"),
+                      ("decoder.up_blocks.0.blocks.0.ffn.ms_conv.dw_convs.2.weight",
+                       "decoder.layers.0.vss_layer.blocks.0.mlp.multiscale_conv.dw_convs.2.weight"),
+                      ("decoder.final.steps.0.expand.3.weight", "decoder.out_layers.0.expand.3.weight"),
+                      ("decoder.seg_layers.0.weight", "decoder.out_layers.0.out.weight")]:
+        assert torch.equal(mine[ours], sd[off]), ours
+    assert int(mine["decoder.final.steps.0.expand.1.num_batches_tracked"]) == 7
+    with torch.no_grad():
+        x = torch.randn(1, 16, 4, 4, generator=g) * 0.5  # channels-first, as the official blocks run
+        torch.testing.assert_close(net.encoder.stages[1][1](x.movedim(1, -1)).movedim(-1, 1),
+                                   official_msvm_vss_block(x, sd, "encoder.layers.1.blocks.1"), rtol=1e-4, atol=1e-5)
+        xd = x[:, :8]
+        torch.testing.assert_close(net.decoder.up_blocks[0].blocks[0](xd.movedim(1, -1)).movedim(-1, 1),
+                                   official_msvm_vss_block(xd, sd, "decoder.layers.0.vss_layer.blocks.0", ms=True),
+                                   rtol=1e-4, atol=1e-5)
+        # the stem: conv - LN2d - GELU - conv - LN2d
+        img = torch.randn(1, 3, 32, 32, generator=g)
+        ln2d = lambda t, q: F.layer_norm(t.movedim(1, -1), (t.shape[1],), sd[f"{q}.weight"], sd[f"{q}.bias"]).movedim(-1, 1)
+        ref = F.conv2d(img, sd["encoder.layer0.0.weight"], sd["encoder.layer0.0.bias"], stride=2, padding=1)
+        ref = F.conv2d(F.gelu(ln2d(ref, "encoder.layer0.2")), sd["encoder.layer1.0.weight"], sd["encoder.layer1.0.bias"],
+                       stride=2, padding=1)
+        torch.testing.assert_close(net.encoder.stem(img), ln2d(ref, "encoder.layer1.2"))
+        assert net(img).shape == (1, 2, 32, 32)
+    # Linear2d weights saved as (out, in, 1, 1) are accepted too
+    sd4 = dict(sd, **{"decoder.layers.0.concat_layer.weight": sd["decoder.layers.0.concat_layer.weight"][:, :, None, None]})
+    conv4 = convert("msvm_unet", {"model": sd4}, "msvm_unet", net_kwargs={"drop_path_rate": 0.0})
+    assert torch.equal(conv4.state_dict["decoder.up_blocks.0.concat.weight"], sd["decoder.layers.0.concat_layer.weight"])
+
+
+def test_msvm_unet_converter_errors():
+    g = torch.Generator().manual_seed(11)
+    sd = _official_state2(official_msvm_unet_keys(3, 2, [8, 16], [1, 1], [1]), g)
+    broken = {k: v for k, v in sd.items() if k != "encoder.layers.0.blocks.0.op.Ds"}
+    with pytest.raises(CheckpointError, match=r"Missing in the checkpoint \(1\): encoder\.layers\.0\.blocks\.0\.op\.Ds"):
+        convert("msvm_unet", broken, "msvm_unet")
+    extra = dict(sd, **{"encoder.layers.0.blocks.0.op.x_proj_bias": torch.zeros(4, 3)})
+    with pytest.raises(CheckpointError, match=r"no counterpart in msvm_unet: encoder\.layers\.0\.blocks\.0\.op\.x_proj_bias"):
+        convert("msvm_unet", extra, "msvm_unet")
+    with pytest.raises(CheckpointError, match="2D only"):
+        convert("msvm_unet", sd, "msvm_unet", spatial_dims=3)
+    with pytest.raises(CheckpointError, match="encoder.layer0.0.weight"):
+        convert("msvm_unet", {"model": {"layers.0.weight": torch.zeros(1)}}, "msvm_unet")
+
+
+# ------------------------------------------------------------------------------------------------
+# MHS-VM (PixDeep/MHS-VM: models/vmunet/vmamba.py @ 77508281 VSSM(patch_embed, layers[i].blocks/downsample,
+# layers_up[i].upsample/blocks, final_up, final_conv), VSSBlock(ln_1, self_attention = VSSGate);
+# models/vmunet/mhsm.py (.ipynb_checkpoints/mhsm-checkpoint.py @ 3e4241e9) VSSGate(in_proj, conv2d, mhs, out_norm),
+# MHSM(x_ssproj + its alias x_ssproj_W, scanhead_C/X/S[/Z].mambaeng: x_proj_weight (4, R + 2N, d_sub),
+# dt_projs_weight (4, d_sub, R), dt_projs_bias (4, d_sub), A_logs (4 d_sub, N), Ds (4 d_sub), cat_norm, y_proj)
+# ------------------------------------------------------------------------------------------------
+
+def _mhs_block_keys(p, c, heads, n=16):
+    ds = c // heads
+    r = math.ceil(ds / 16)
+    keys = {f"{p}.ln_1.weight": (c,), f"{p}.ln_1.bias": (c,), f"{p}.self_attention.in_proj.weight": (2 * c, c),
+            f"{p}.self_attention.conv2d.weight": (c, 1, 3, 3), f"{p}.self_attention.conv2d.bias": (c,),
+            f"{p}.self_attention.mhs.x_ssproj.weight": (heads * ds, c), f"{p}.self_attention.mhs.x_ssproj_W": (heads * ds, c),
+            f"{p}.self_attention.mhs.cat_norm.weight": (heads * ds,), f"{p}.self_attention.mhs.cat_norm.bias": (heads * ds,),
+            f"{p}.self_attention.mhs.y_proj.weight": (c, heads * ds),
+            f"{p}.self_attention.out_norm.weight": (c,), f"{p}.self_attention.out_norm.bias": (c,)}
+    for h in "CXSZ"[:heads]:
+        q = f"{p}.self_attention.mhs.scanhead_{h}.mambaeng"
+        keys.update({f"{q}.x_proj_weight": (4, r + 2 * n, ds), f"{q}.dt_projs_weight": (4, ds, r),
+                     f"{q}.dt_projs_bias": (4, ds), f"{q}.A_logs": (4 * ds, n), f"{q}.Ds": (4 * ds,)})
+    return keys
+
+
+def official_mhs_vm_keys(cin, classes, dims, depths, dec_depths, heads):
+    keys = {"vmunet.patch_embed.proj.weight": (dims[0], cin, 4, 4), "vmunet.patch_embed.proj.bias": (dims[0],),
+            "vmunet.patch_embed.norm.weight": (dims[0],), "vmunet.patch_embed.norm.bias": (dims[0],)}
+    for i, (c, d) in enumerate(zip(dims, depths)):
+        for j in range(d):
+            keys.update(_mhs_block_keys(f"vmunet.layers.{i}.blocks.{j}", c, heads))
+        if i < len(dims) - 1:
+            keys.update({f"vmunet.layers.{i}.downsample.reduction.weight": (2 * c, 4 * c),
+                         f"vmunet.layers.{i}.downsample.norm.weight": (4 * c,),
+                         f"vmunet.layers.{i}.downsample.norm.bias": (4 * c,)})
+    rd = dims[::-1]
+    for i, (c, d) in enumerate(zip(rd, dec_depths)):
+        if i > 0:  # PatchExpand2D(dim=c): Linear(2c, 4c), LN(c)
+            keys.update({f"vmunet.layers_up.{i}.upsample.expand.weight": (4 * c, 2 * c),
+                         f"vmunet.layers_up.{i}.upsample.norm.weight": (c,),
+                         f"vmunet.layers_up.{i}.upsample.norm.bias": (c,)})
+        for j in range(d):
+            keys.update(_mhs_block_keys(f"vmunet.layers_up.{i}.blocks.{j}", c, heads))
+    keys.update({"vmunet.final_up.expand.weight": (4 * dims[0], dims[0]), "vmunet.final_up.norm.weight": (dims[0] // 4,),
+                 "vmunet.final_up.norm.bias": (dims[0] // 4,), "vmunet.final_conv.weight": (classes, dims[0] // 4, 1, 1),
+                 "vmunet.final_conv.bias": (classes,)})
+    return keys
+
+
+def _mhs_state(keys, g):
+    sd = _official_state2({k: v for k, v in keys.items() if not k.endswith("x_ssproj_W")}, g)
+    for k in keys:
+        if k.endswith("x_ssproj_W"):
+            sd[k] = sd[k[:-len("x_ssproj_W")] + "x_ssproj.weight"]
+    return sd
+
+
+def official_vss_gate(x, sd, p, families, t):
+    """MHS-VM VSSBlock (ln_1 + VSSGate) from the official tensors: MHSM heads C, X, S[, Z] each scanning
+    [r0, flip r0, r1, flip r1] with their MambaEngine, GFU fusion, concat, cat_norm, y_proj."""
+    from medmamba.kernels.reference import selective_scan_ref
+    from medmamba.layers.scan_routes import MHS_FAMILIES
+    b, hh, ww, c = x.shape
+    a = f"{p}.self_attention"
+    h = F.layer_norm(x, (c,), sd[f"{p}.ln_1.weight"], sd[f"{p}.ln_1.bias"])
+    xz = h @ sd[f"{a}.in_proj.weight"].t()
+    u, z = xz.chunk(2, -1)
+    u = F.silu(F.conv2d(u.permute(0, 3, 1, 2), sd[f"{a}.conv2d.weight"], sd[f"{a}.conv2d.bias"], padding=1, groups=c))
+    sub = torch.einsum("bdhw,cd->bchw", u, sd[f"{a}.mhs.x_ssproj.weight"])
+    heads = len(families)
+    ds = c // heads
+    outs = []
+    for k, (letter, fam) in enumerate(zip("CXSZ", families)):
+        q = f"{a}.mhs.scanhead_{letter}.mambaeng"
+        xk = sub[:, k * ds:(k + 1) * ds].flatten(2)
+        r0, r1 = (route_permutation((hh, ww), r) for r in MHS_FAMILIES[fam])
+        perms = [r0, r0.flip(0), r1, r1.flip(0)]
+        n = sd[f"{q}.A_logs"].shape[1]
+        rank = sd[f"{q}.dt_projs_weight"].shape[2]
+        ys = []
+        for i, perm in enumerate(perms):
+            xs = xk[..., perm]
+            dbl = torch.einsum("bdl,cd->bcl", xs, sd[f"{q}.x_proj_weight"][i])
+            dt, bb, cc = dbl.split([rank, n, n], 1)
+            dt = torch.einsum("brl,dr->bdl", dt, sd[f"{q}.dt_projs_weight"][i])
+            y = selective_scan_ref(xs, dt, -torch.exp(sd[f"{q}.A_logs"].view(4, ds, n)[i]), bb, cc,
+                                   sd[f"{q}.Ds"].view(4, ds)[i], delta_bias=sd[f"{q}.dt_projs_bias"][i],
+                                   delta_softplus=True)
+            back = torch.empty_like(y)
+            back[..., perm] = y
+            ys.append(back)
+        ys = torch.stack(ys, 1)  # GFU over the 4 routes
+        cv = ys.std(1) / ((ys - ys.min(1, keepdim=True).values).mean(1) + 1e-5)
+        outs.append(ys.sum(1) * F.relu(cv - t))
+    y = torch.cat(outs, 1).transpose(1, 2)
+    y = F.layer_norm(y, (y.shape[-1],), sd[f"{a}.mhs.cat_norm.weight"], sd[f"{a}.mhs.cat_norm.bias"])
+    y = (y @ sd[f"{a}.mhs.y_proj.weight"].t()).view(b, hh, ww, c)
+    y = F.layer_norm(y, (c,), sd[f"{a}.out_norm.weight"], sd[f"{a}.out_norm.bias"]) * F.silu(z)
+    return x + y
+
+
+@pytest.mark.parametrize("heads", [3, 4])
+def test_mhs_vm_checkpoint_converts_and_block_matches_official(heads):
+    g = torch.Generator().manual_seed(12)
+    dims, depths, dec = [24, 48], [1, 1], [1, 1]
+    sd = _mhs_state(official_mhs_vm_keys(3, 2, dims, depths, dec, heads), g)
+    conv = convert("mhs_vm", {"model": sd}, "vm_unet_mhs", net_kwargs={"drop_path_rate": 0.0, "threshold": 0.3})
+    assert conv.net_kwargs["num_heads"] == heads and conv.net_kwargs["dims"] == dims
+    net = nets.create("vm_unet_mhs", 3, 2, 2, **conv.net_kwargs).eval()
+    net.load_state_dict(conv.state_dict, strict=True)
+    mine = net.state_dict()
+    q = "vmunet.layers.1.blocks.0.self_attention.mhs"
+    for k, letter in enumerate("CXSZ"[:heads]):
+        for i in range(4):  # our sequence s = head * 4 + route
+            assert torch.equal(mine["encoder.stages.1.blocks.0.mixer.mhs.x_proj_weight"][4 * k + i],
+                               sd[f"{q}.scanhead_{letter}.mambaeng.x_proj_weight"][i])
+        ds = 48 // heads
+        assert torch.equal(mine["encoder.stages.1.blocks.0.mixer.mhs.A_logs"][4 * ds * k:4 * ds * (k + 1)],
+                           sd[f"{q}.scanhead_{letter}.mambaeng.A_logs"])
+    for ours, off in [("encoder.stages.1.blocks.0.mixer.mhs.in_proj.weight", f"{q}.x_ssproj.weight"),
+                      ("encoder.stages.1.blocks.0.mixer.mhs.out_norm.bias", f"{q}.cat_norm.bias"),
+                      ("encoder.stages.1.blocks.0.mixer.mhs.out_proj.weight", f"{q}.y_proj.weight"),
+                      ("encoder.stages.0.downsample.reduction.weight", "vmunet.layers.0.downsample.reduction.weight"),
+                      ("decoder.stages.1.upsample.expand.weight", "vmunet.layers_up.1.upsample.expand.weight"),
+                      ("decoder.stages.0.blocks.0.norm.weight", "vmunet.layers_up.0.blocks.0.ln_1.weight"),
+                      ("decoder.final_expand.expand.weight", "vmunet.final_up.expand.weight"),
+                      ("decoder.seg_layers.0.weight", "vmunet.final_conv.weight")]:
+        assert torch.equal(mine[ours], sd[off]), ours
+    fams = conv.net_kwargs["families"]
+    with torch.no_grad():
+        x = torch.randn(1, 4, 4, 48, generator=g)
+        ref = official_vss_gate(x, sd, "vmunet.layers.1.blocks.0", fams, 0.3)
+        torch.testing.assert_close(net.encoder.stages[1]["blocks"][0](x), ref, rtol=1e-4, atol=1e-5)
+        # PatchExpand2D: Linear, 'b h w (p1 p2 c) -> b (h p1) (w p2) c', LN
+        e = x @ sd["vmunet.layers_up.1.upsample.expand.weight"].t()
+        e = e.view(1, 4, 4, 2, 2, 24).permute(0, 1, 3, 2, 4, 5).reshape(1, 8, 8, 24)
+        e = F.layer_norm(e, (24,), sd["vmunet.layers_up.1.upsample.norm.weight"], sd["vmunet.layers_up.1.upsample.norm.bias"])
+        torch.testing.assert_close(net.decoder.stages[1]["upsample"](x), e)
+        assert net(torch.randn(1, 3, 32, 32, generator=g)).shape == (1, 2, 32, 32)
+
+
+def test_mhs_vm_and_vm_unet_errors():
+    g = torch.Generator().manual_seed(13)
+    sd = _mhs_state(official_mhs_vm_keys(3, 2, [24, 48], [1, 1], [1, 1], 3), g)
+    bad = dict(sd)
+    bad["vmunet.layers.0.blocks.0.self_attention.mhs.x_ssproj_W"] = torch.zeros_like(
+        bad["vmunet.layers.0.blocks.0.self_attention.mhs.x_ssproj_W"])
+    with pytest.raises(CheckpointError, match="x_ssproj_W differs"):
+        convert("mhs_vm", bad, "vm_unet_mhs")
+    missing = {k: v for k, v in sd.items() if "scanhead_X.mambaeng.Ds" not in k or "layers.1." not in k}
+    with pytest.raises(CheckpointError, match=r"scanhead_C/S\.mambaeng\.Ds"):
+        convert("mhs_vm", missing, "vm_unet_mhs")
+    with pytest.raises(CheckpointError, match="families"):
+        convert("mhs_vm", sd, "vm_unet_mhs", net_kwargs={"families": ["raster", "snake", "spiral"]})
+    gone = {k: v for k, v in sd.items() if not k.startswith("vmunet.layers_up.1.blocks.0.self_attention.out_norm.")}
+    with pytest.raises(CheckpointError, match=r"Missing in the checkpoint \(2\): layers_up\.1\.blocks\.0\."
+                                              r"self_attention\.out_norm\.weight"):
+        convert("mhs_vm", gone, "vm_unet_mhs")
+    no_proj = {k: v for k, v in sd.items() if ".mhs.y_proj." not in k and ".mhs.cat_norm." not in k}
+    with pytest.raises(CheckpointError, match="with_proj"):
+        convert("mhs_vm", no_proj, "vm_unet_mhs")
+    # MHS-VM's latest.pth: {'epoch', ..., 'model_state_dict': VMUNet.state_dict(), 'optimizer_state_dict', ...}
+    conv = convert("mhs_vm", {"epoch": 3, "model_state_dict": sd, "optimizer_state_dict": {}}, "vm_unet_mhs")
+    assert conv.net_kwargs["num_heads"] == 3
+    # a VM-UNet (SS2D) checkpoint: refused, naming the SS2D tensors
+    vm = {"vmunet.patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "vmunet.layers.0.blocks.0.ln_1.weight": torch.ones(8)}
+    vm.update({f"vmunet.{k}": torch.zeros(s) for k, s in _vss_keys("layers.0.blocks.0", 8).items()})
+    with pytest.raises(CheckpointError, match=r"SS2D.*layers\.0\.blocks\.0\.self_attention\.A_logs"):
+        convert("vm_unet", {"model": vm}, "vm_unet_mhs")
+    with pytest.raises(CheckpointError, match="use --from vm_unet"):
+        convert("mhs_vm", {"model": vm}, "vm_unet_mhs")
+    with pytest.raises(CheckpointError, match="use --from mhs_vm"):
+        convert("vm_unet", sd, "vm_unet_mhs")
+
+
+def test_mambamim_hymamba_checkpoint_is_refused_with_its_keys():
+    hy = {"sparse_encoder.sp_cnn.embeddings.stem.weight": torch.zeros(32, 1, 3, 3, 3),
+          "sparse_encoder.sp_cnn.embeddings.layer2.0.conv1.weight": torch.zeros(64, 1, 3, 3, 3),
+          "sparse_encoder.sp_cnn.mae.blocks.0.mamba.A_log": torch.zeros(768, 16),
+          "dense_decoder.dec.0.up_sample.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"HyMamba.*embeddings\.stem\.weight"):
+        convert("mambamim", {"model": hy}, "umamba_bot")
+    with pytest.raises(CheckpointError, match="not a MambaMIM"):
+        convert("mambamim", {"model": {"encoder.stem.0.conv1.weight": torch.zeros(1)}}, "umamba_bot")
+    with pytest.raises(CheckpointError, match="needs no conversion"):
+        convert("mambamim", {"format": "medmamba.pretrain.mambamim/1", "model": {"x": torch.zeros(1)}}, "umamba_bot")
+
+
+def test_cli_import_new_sources(tmp_path):
+    g = torch.Generator().manual_seed(14)
+    ck = tmp_path / "best.pth"
+    sd = _mhs_state(official_mhs_vm_keys(3, 2, [24, 48], [1, 1], [1, 1], 4), g)
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, ck)  # DataParallel-saved
+    out = tmp_path / "mhs.pth"
+    r = _cli("--from", "mhs_vm", str(ck), "--arch", "vm_unet_mhs", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "threshold" in r.stdout
+    meta = torch.load(out, weights_only=False)["medmamba_weights"]
+    assert meta["arch"] == "vm_unet_mhs" and meta["net_kwargs"]["num_heads"] == 4
+    r = _cli("--from", "vm_unet", str(ck), "--arch", "vm_unet_mhs", str(tmp_path / "x.pth"))
+    assert r.returncode == 2 and "use --from mhs_vm" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--from", "mambamim", str(ck), "--arch", "umamba_bot", str(tmp_path / "y.pth"))
+    assert r.returncode == 2 and "not a MambaMIM" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# whole networks: the official forward re-implemented from the official tensors vs ours after conversion
+# ------------------------------------------------------------------------------------------------
+
+def _sub_pixel_last(x, r):
+    """einops 'b h w (p1 p2 c) -> b (h p1) (w p2) c' (VM-UNet / MHS-VM / MSVM-UNet patch expanding)."""
+    b, h, w, cc = x.shape
+    c = cc // (r * r)
+    return x.view(b, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c)
+
+
+def official_mhs_vm_forward(img, sd, dims, depths, dec_depths, families, t):
+    """MHS-VM VSSM.forward (forward_features, forward_features_up, forward_final), eval mode."""
+    v = lambda k: sd[f"vmunet.{k}"]
+    ln = lambda t_, q: F.layer_norm(t_, (t_.shape[-1],), v(f"{q}.weight"), v(f"{q}.bias"))
+    x = ln(F.conv2d(img, v("patch_embed.proj.weight"), v("patch_embed.proj.bias"), stride=4).permute(0, 2, 3, 1),
+           "patch_embed.norm")
+    skips = []
+    for i, d in enumerate(depths):
+        skips.append(x)
+        for j in range(d):
+            x = official_vss_gate(x, sd, f"vmunet.layers.{i}.blocks.{j}", families, t)
+        if i < len(depths) - 1:
+            x = official_patch_merging_2d(x, v(f"layers.{i}.downsample.norm.weight"), v(f"layers.{i}.downsample.norm.bias"),
+                                          v(f"layers.{i}.downsample.reduction.weight"))
+    for i, d in enumerate(dec_depths):
+        if i > 0:
+            x = x + skips[-i]
+            x = ln(_sub_pixel_last(x @ v(f"layers_up.{i}.upsample.expand.weight").t(), 2), f"layers_up.{i}.upsample.norm")
+        for j in range(d):
+            x = official_vss_gate(x, sd, f"vmunet.layers_up.{i}.blocks.{j}", families, t)
+    x = ln(_sub_pixel_last(x @ v("final_up.expand.weight").t(), 4), "final_up.norm")
+    return F.conv2d(x.permute(0, 3, 1, 2), v("final_conv.weight"), v("final_conv.bias"))
+
+
+def test_mhs_vm_whole_network_matches_official_forward():
+    g = torch.Generator().manual_seed(15)
+    dims, depths, dec = [24, 48], [1, 1], [1, 1]
+    sd = _mhs_state(official_mhs_vm_keys(3, 2, dims, depths, dec, 4), g)
+    conv = convert("mhs_vm", sd, "vm_unet_mhs", net_kwargs={"drop_path_rate": 0.0})
+    net = nets.create("vm_unet_mhs", 3, 2, 2, **conv.net_kwargs).eval()
+    net.load_state_dict(conv.state_dict, strict=True)
+    img = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = official_mhs_vm_forward(img, sd, dims, depths, dec, conv.net_kwargs["families"], 0.5)
+        torch.testing.assert_close(net(img), ref, rtol=1e-4, atol=1e-4)
+
+
+def _official_lkpe(x, sd, p, r):
+    """LKPE / FLKPE expand (1x1 conv - BN (eval) - ReLU - depthwise 3x3), sub-pixel r, LN; channels-first."""
+    h = F.conv2d(x, sd[f"{p}.expand.0.weight"], sd[f"{p}.expand.0.bias"])
+    h = F.batch_norm(h, sd[f"{p}.expand.1.running_mean"], sd[f"{p}.expand.1.running_var"],
+                     sd[f"{p}.expand.1.weight"], sd[f"{p}.expand.1.bias"], False, 0.0, 1e-5)
+    h = F.conv2d(F.relu(h), sd[f"{p}.expand.3.weight"], sd[f"{p}.expand.3.bias"], padding=1, groups=h.shape[1])
+    h = _sub_pixel_last(h.permute(0, 2, 3, 1), r)
+    return F.layer_norm(h, (h.shape[-1],), sd[f"{p}.norm.weight"], sd[f"{p}.norm.bias"]).permute(0, 3, 1, 2)
+
+
+def official_msvm_unet_forward(img, sd, depths, dec_depths):
+    """MSVMUNet.forward = decoder(encoder(x)[::-1]), eval mode, channels-first throughout."""
+    ln2d = lambda t, q: F.layer_norm(t.movedim(1, -1), (t.shape[1],), sd[f"{q}.weight"], sd[f"{q}.bias"]).movedim(-1, 1)
+    x = F.conv2d(img, sd["encoder.layer0.0.weight"], sd["encoder.layer0.0.bias"], stride=2, padding=1)
+    x = F.conv2d(F.gelu(ln2d(x, "encoder.layer0.2")), sd["encoder.layer1.0.weight"], sd["encoder.layer1.0.bias"],
+                 stride=2, padding=1)
+    x = ln2d(x, "encoder.layer1.2")
+    feats = []
+    for i, d in enumerate(depths):
+        for j in range(d):
+            x = official_msvm_vss_block(x, sd, f"encoder.layers.{i}.blocks.{j}")
+        feats.append(x)
+        if i < len(depths) - 1:
+            x = ln2d(F.conv2d(x, sd[f"encoder.downsamples.{i}.1.weight"], sd[f"encoder.downsamples.{i}.1.bias"],
+                              stride=2, padding=1), f"encoder.downsamples.{i}.3")
+    feats = feats[::-1]
+    x = feats[0]
+    for k, d in enumerate(dec_depths):
+        x = torch.cat([_official_lkpe(x, sd, f"decoder.layers.{k}.up", 2), feats[k + 1]], 1)
+        x = F.conv2d(x, sd[f"decoder.layers.{k}.concat_layer.weight"][:, :, None, None],
+                     sd[f"decoder.layers.{k}.concat_layer.bias"])
+        for j in range(d):
+            x = official_msvm_vss_block(x, sd, f"decoder.layers.{k}.vss_layer.blocks.{j}", ms=True)
+    x = _official_lkpe(x, sd, "decoder.out_layers.0", 4)
+    return F.conv2d(x, sd["decoder.out_layers.0.out.weight"], sd["decoder.out_layers.0.out.bias"])
+
+
+def test_msvm_unet_whole_network_matches_official_forward():
+    g = torch.Generator().manual_seed(16)
+    dims, depths, dec = [8, 16], [1, 1], [1]
+    sd = _official_state2(official_msvm_unet_keys(3, 2, dims, depths, dec), g)
+    conv = convert("msvm_unet", sd, "msvm_unet", net_kwargs={"drop_path_rate": 0.0})
+    net = nets.create("msvm_unet", 3, 2, 2, **conv.net_kwargs).eval()
+    net.load_state_dict(conv.state_dict, strict=True)
+    img = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(net(img), official_msvm_unet_forward(img, sd, depths, dec), rtol=1e-4, atol=1e-4)

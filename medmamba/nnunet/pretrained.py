@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import torch
 
+from medmamba.weights.convert import clean_key, extract_state_dict
+
 __all__ = ["PretrainedWeightsError", "load_weights", "install", "unwrap", "head_keys_by_rebuild"]
 
-_STRIP = ("module.", "_orig_mod.")
 _MAX_LIST = 25
 
 
@@ -47,39 +48,17 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return mod
 
 
-def _clean_key(k: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _STRIP:
-            if k.startswith(p):
-                k, changed = k[len(p):], True
-        if "._orig_mod." in k:
-            k, changed = k.replace("._orig_mod.", "."), True
-    return k
-
-
 def _read_checkpoint(src) -> tuple[dict, dict]:
-    """(state dict with cleaned keys, the whole checkpoint dict) from a path or an already loaded object."""
+    """(state dict with cleaned keys, the whole checkpoint dict) from a path or an already loaded object
+    (unwrapping and key cleaning shared with ``medmamba weights import``: ``extract_state_dict``)."""
     if isinstance(src, (str, os.PathLike)):
         if not os.path.isfile(src):
             raise PretrainedWeightsError(f"pretrained weights file {src} does not exist")
         ckpt = torch.load(src, map_location="cpu", weights_only=False)
     else:
         ckpt = src
-    if not isinstance(ckpt, Mapping):
-        raise PretrainedWeightsError(f"{src}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    for key in ("network_weights", "state_dict", "model"):
-        if isinstance(ckpt.get(key), Mapping):
-            sd = ckpt[key]
-            break
-    else:
-        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            sd = ckpt  # a bare state dict
-        else:
-            raise PretrainedWeightsError(f"{src}: no 'network_weights' (nnU-Net / MambaMIM) or 'state_dict' in the "
-                                         f"checkpoint; its keys are {sorted(ckpt)[:10]}")
-    return {_clean_key(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}, dict(ckpt)
+    sd = extract_state_dict(ckpt, str(src), PretrainedWeightsError)
+    return sd, dict(ckpt)
 
 
 def _canonical(mod: torch.nn.Module) -> tuple[dict, dict]:
@@ -139,7 +118,7 @@ def load_weights(network: torch.nn.Module, src, *, encoder_modules: Iterable[str
         given.setdefault(c, v)
     listed = ckpt.get("pretrained_keys")
     if listed is not None:
-        listed = {alias.get(_clean_key(k), _clean_key(k)) for k in listed}
+        listed = {alias.get(clean_key(k), clean_key(k)) for k in listed}
         given = {k: v for k, v in given.items() if k in listed}
 
     enc_keys = {k for k in model if _under(k, encoder_modules)}

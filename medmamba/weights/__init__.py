@@ -20,11 +20,14 @@ API:
 Sources: ``umamba`` (bowang-lab/U-Mamba nnU-Net fork ``checkpoint_final.pth``: UMambaBot/UMambaEnc 2D
 or 3D), ``lightm_unet`` (MrBlankness/LightM-UNet nnU-Net fork), ``swin_umamba`` (JiarunLiu/Swin-UMamba
 nnU-Net fork), ``vmamba`` (MzeroMiko/VMamba v0 ImageNet ``vssm_tiny``-style ``{"model": ...}``: the
-Swin-UMamba encoder, loaded the way Swin-UMamba's ``load_pretrained_ckpt`` does). ``msvm_unet``,
-``vm_unet``, ``mhs_vm`` and ``mambamim`` are recognised names whose converters are not written yet:
-they raise a clear error (see ``docs/model_card.md``).
+Swin-UMamba encoder, loaded the way Swin-UMamba's ``load_pretrained_ckpt`` does), ``msvm_unet``
+(gndlwch2w/msvm-unet, 2D), ``mhs_vm`` (PixDeep/MHS-VM ``VMUNet``, 2D: into ``vm_unet_mhs``). ``vm_unet``
+(JCruan519/VM-UNet, SS2D mixers) and ``mambamim`` (FengheTan9/MambaMIM HyMamba) are recognised and
+refused with the keys our networks cannot represent (see ``docs/model_card.md``), never converted
+partially.
 """
-from medmamba.weights.convert import (CheckpointError, Converted, SOURCES, convert, inflate_2d_to_3d,
-                                      load_checkpoint, save)
+from medmamba.weights.convert import (CheckpointError, Converted, REFUSED, SOURCES, clean_key, convert,
+                                      extract_state_dict, inflate_2d_to_3d, load_checkpoint, save)
 
-__all__ = ["CheckpointError", "Converted", "SOURCES", "convert", "inflate_2d_to_3d", "load_checkpoint", "save"]
+__all__ = ["CheckpointError", "Converted", "REFUSED", "SOURCES", "clean_key", "convert", "extract_state_dict",
+           "inflate_2d_to_3d", "load_checkpoint", "save"]

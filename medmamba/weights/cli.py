@@ -17,14 +17,18 @@ def add_parser(sub) -> None:
                        "VMamba ImageNet weights) into a state dict of ours that loads strictly",
         description="Writes {'network_weights': state dict, 'medmamba_weights': {...}}: what nnUNetv2_train "
                     "-pretrained_weights and `medmamba bundle create --checkpoint` read. Exit 2 on an unreadable "
-                    "or unfitting checkpoint (one line, naming the file and the keys).")
-    q.add_argument("--from", dest="source", required=True, choices=list(SOURCES), help="whose checkpoint CKPT is")
+                    "or unfitting checkpoint (one line, naming the file and the keys). Sources -> --arch: "
+                    "umamba -> umamba_bot|umamba_enc; lightm_unet -> lightm_unet; swin_umamba, vmamba -> "
+                    "swin_umamba; msvm_unet -> msvm_unet (2D); mhs_vm -> vm_unet_mhs (2D). vm_unet (SS2D "
+                    "mixers) and mambamim (HyMamba) are refused: our networks have no counterpart for their "
+                    "modules, and the error names the keys.")
+    q.add_argument("--from", dest="source", required=True, choices=list(SOURCES), help="whose checkpoint CKPT is (see the description for the --arch each converts to)")
     q.add_argument("ckpt", metavar="CKPT", help="the published checkpoint")
     q.add_argument("--arch", required=True, help="our registry name, e.g. umamba_bot, swin_umamba")
     q.add_argument("out", metavar="OUT", help="output file (.pth)")
     q.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None,
-                   help="3 on a 2D-only network inflates its weights (see docs/model_card.md); default: the "
-                        "checkpoint's")
+                   help="3 on a 2D-only network inflates its weights (swin_umamba, vmamba; see "
+                        "docs/model_card.md; msvm_unet and mhs_vm convert to 2D only); default: the checkpoint's")
     q.add_argument("--inflate", choices=("average", "centre"), default="average",
                    help="2D -> 3D rule for odd conv kernels (default average)")
     q.add_argument("--net-kwargs", default="{}", help="JSON keywords for our network (e.g. strides, patch_size)")

@@ -12,7 +12,8 @@ import torch
 
 from medmamba import nets
 
-__all__ = ["CheckpointError", "Converted", "SOURCES", "convert", "inflate_2d_to_3d", "load_checkpoint", "save"]
+__all__ = ["CheckpointError", "Converted", "SOURCES", "REFUSED", "convert", "inflate_2d_to_3d", "load_checkpoint",
+           "save", "extract_state_dict", "clean_key"]
 
 #: source name -> registry names it can produce
 SOURCES = {
@@ -25,7 +26,8 @@ SOURCES = {
     "mhs_vm": ("vm_unet_mhs",),
     "mambamim": ("umamba_bot", "umamba_enc", "swin_umamba"),
 }
-_NOT_WRITTEN = ("msvm_unet", "vm_unet", "mhs_vm", "mambamim")
+#: sources recognised but refused: our networks cannot represent them (see the converter's message)
+REFUSED = ("vm_unet", "mambamim")
 _MAX_LIST = 12
 
 
@@ -60,17 +62,38 @@ def load_checkpoint(path) -> object:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {msg})") from None
 
 
-def _clean(k: str) -> str:
-    for p in ("module.", "_orig_mod."):
-        while k.startswith(p):
-            k = k[len(p):]
-    return k.replace("._orig_mod.", ".")
+#: wrapper prefixes stripped from checkpoint keys: DistributedDataParallel / DataParallel, torch.compile
+STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _state_dict(ckpt, name: str) -> dict:
+def clean_key(k: str) -> str:
+    """``k`` without DDP / torch.compile wrapper prefixes (``module.``, ``_orig_mod.``, in any order and
+    number, and ``._orig_mod.`` inside a key)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in STRIP_PREFIXES:
+            if k.startswith(p):
+                k, changed = k[len(p):], True
+        if "._orig_mod." in k:
+            k, changed = k.replace("._orig_mod.", "."), True
+    return k
+
+
+#: where checkpoints keep the network's state dict, first found wins: nnU-Net / medmamba, Lightning and
+#: many repositories, VM-UNet / MHS-VM ``latest.pth``, VMamba / Swin / MSVM-style ``{"model": ...}``
+_STATE_KEYS = ("network_weights", "state_dict", "model_state_dict", "model")
+
+
+def extract_state_dict(ckpt, name: str, error: type[Exception] = None) -> dict:
+    """The tensors of a loaded checkpoint, keys cleaned (:func:`clean_key`): its ``network_weights``
+    (nnU-Net, medmamba), ``state_dict``, ``model_state_dict`` or ``model`` dict, or the checkpoint itself when it is a bare
+    state dict. Anything else raises ``error`` (default :class:`CheckpointError`) naming ``name``.
+    Shared with ``medmamba.nnunet.pretrained``."""
+    error = error or CheckpointError
     if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{name}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    for key in ("network_weights", "model", "state_dict"):
+        raise error(f"{name}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    for key in _STATE_KEYS:
         if isinstance(ckpt.get(key), Mapping):
             sd = ckpt[key]
             break
@@ -78,9 +101,9 @@ def _state_dict(ckpt, name: str) -> dict:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             sd = ckpt
         else:
-            raise CheckpointError(f"{name}: no 'network_weights' (nnU-Net), 'model' or 'state_dict' in the checkpoint; "
-                                  f"its keys are {sorted(map(str, ckpt))[:10]}")
-    return {_clean(str(k)): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            raise error(f"{name}: no 'network_weights' (nnU-Net / MambaMIM), 'state_dict', 'model_state_dict' or "
+                        f"'model' in the checkpoint; its keys are {sorted(map(str, ckpt))[:10]}")
+    return {clean_key(str(k)): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _fmt(items) -> str:
@@ -137,17 +160,18 @@ def _map_keys(sd: Mapping, key_fn: Callable, name: str, arch: str) -> tuple[dict
 
 
 def _assemble(net: torch.nn.Module, mapped: dict, origin: dict, name: str, source: str, arch: str,
-              fresh: tuple = ()) -> dict:
+              fresh: tuple = (), official: Callable | None = None) -> dict:
     """Load ``mapped`` (our key -> tensor) into ``net`` strictly; keys under ``fresh`` prefixes may be
-    absent (they keep the network's seeded initialisation). ``origin``: our key -> official key."""
+    absent (they keep the network's seeded initialisation). ``origin``: our key -> official key;
+    ``official``: our key -> the official key expected for it (names the keys a checkpoint lacks)."""
     ours = net.state_dict()
-    inv = {v: k for k, v in origin.items()}
+    inv = {k: (official(k) if official else None) or k for k in ours}
     unexpected = [origin.get(k, k) for k in mapped if k not in ours]
     missing = [k for k in ours if k not in mapped and not any(k.startswith(p) for p in fresh)]
     if missing or unexpected:
         msg = f"{name}: the checkpoint does not fit {arch} (source '{source}')."
         if missing:
-            msg += f" Missing in the checkpoint ({len(missing)}): {_fmt(inv.get(k, k) for k in missing)}."
+            msg += f" Missing in the checkpoint ({len(missing)}): {_fmt(inv[k] for k in missing)}."
         if unexpected:
             msg += f" Not placed in {arch} ({len(unexpected)}): {_fmt(unexpected)}."
         msg += " Is it a checkpoint of another network or configuration?"
@@ -449,12 +473,389 @@ def _from_vmamba(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflate
 
 
 # ------------------------------------------------------------------------------------------------
+# MSVM-UNet (gndlwch2w/msvm-unet model/__init__.py, model/encoder.py, model/decoder.py,
+# model/vmamba/vmamba.py @ 52e3474f): VMamba v2 "tiny_0230s" encoder, channels-first (ln2d)
+# ------------------------------------------------------------------------------------------------
+
+def _vss_v2_key(rest: str) -> str | None:
+    """One VMamba-v2 / MSVSS block's sub-key (``norm``, ``op`` = SS2D v05_noz, ``norm2``, ``mlp``) -> ours."""
+    m = re.match(r"(norm|norm2)\.(weight|bias)$", rest)
+    if m:
+        return rest
+    m = re.match(r"op\.conv2d\.weight$", rest)
+    if m:
+        return "mixer.conv.weight"
+    m = re.match(r"op\.(in_proj\.weight|out_proj\.weight|out_norm\.(?:weight|bias)|x_proj_weight|dt_projs_weight|"
+                 r"dt_projs_bias|A_logs|Ds)$", rest)
+    if m:
+        return f"mixer.{m.group(1)}"
+    m = re.match(r"mlp\.(fc1|fc2)\.(weight|bias)$", rest)
+    if m:
+        return f"ffn.{m.group(1)}.{m.group(2)}"
+    m = re.match(r"mlp\.multiscale_conv\.dw_convs\.(\d+)\.weight$", rest)
+    if m:
+        return f"ffn.ms_conv.dw_convs.{m.group(1)}.weight"
+    return None
+
+
+#: official MSVM-UNet stem: encoder.layer0 = patch_embed[0:5] (conv, Identity, LN2d, Identity, GELU),
+#: encoder.layer1 = patch_embed[5:8] (conv, Identity, LN2d); ours: encoder.stem.{0 conv, 1 LN, 2 GELU, 3 conv, 4 LN}
+_MSVM_STEM = {"layer0.0": "0", "layer0.2": "1", "layer1.0": "3", "layer1.2": "4"}
+
+
+def msvm_unet_key(k: str) -> str | None:
+    """Official MSVM-UNet key -> ours (None: no counterpart)."""
+    m = re.match(r"encoder\.(layer[01]\.\d)\.(weight|bias)$", k)
+    if m:
+        return f"encoder.stem.{_MSVM_STEM[m.group(1)]}.{m.group(2)}" if m.group(1) in _MSVM_STEM else None
+    m = re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", k)
+    if m:
+        rest = _vss_v2_key(m.group(3))
+        return f"encoder.stages.{m.group(1)}.{m.group(2)}.{rest}" if rest else None
+    m = re.match(r"encoder\.downsamples\.(\d+)\.([13])\.(weight|bias)$", k)  # Sequential(Identity, conv, Identity, LN2d)
+    if m:
+        return f"encoder.downsamples.{m.group(1)}.{'conv' if m.group(2) == '1' else 'norm'}.{m.group(3)}"
+    m = re.match(r"decoder\.layers\.(\d+)\.up\.(expand\.[013]\.\w+|norm\.(?:weight|bias))$", k)
+    if m:
+        return f"decoder.up_blocks.{m.group(1)}.up.{m.group(2)}"
+    m = re.match(r"decoder\.layers\.(\d+)\.concat_layer\.(weight|bias)$", k)
+    if m:
+        return f"decoder.up_blocks.{m.group(1)}.concat.{m.group(2)}"
+    m = re.match(r"decoder\.layers\.(\d+)\.vss_layer\.blocks\.(\d+)\.(.+)$", k)
+    if m:
+        rest = _vss_v2_key(m.group(3))
+        return f"decoder.up_blocks.{m.group(1)}.blocks.{m.group(2)}.{rest}" if rest else None
+    m = re.match(r"decoder\.out_layers\.0\.(expand\.[013]\.\w+|norm\.(?:weight|bias))$", k)
+    if m:
+        return f"decoder.final.steps.0.{m.group(1)}"
+    m = re.match(r"decoder\.out_layers\.0\.out\.(weight|bias)$", k)
+    if m:
+        return f"decoder.seg_layers.0.{m.group(1)}"
+    return None
+
+
+#: our Linear layers that are ``Linear2d`` (1x1 conv over channels-first maps) in the official code; its
+#: state dict holds them as (out, in), but ``Linear2d._load_from_state_dict`` also accepts (out, in, 1, 1)
+_LINEAR2D = re.compile(r"(mixer\.(in_proj|out_proj)|ffn\.fc[12]|\.concat)\.weight$")
+
+
+def _first_sub(rules, k: str) -> str | None:
+    for pat, rep in rules:
+        if re.match(pat, k):
+            return re.sub(pat, rep, k)
+    return None
+
+
+_VSS_V2_BACK = [(r"mixer\.conv\.weight$", "op.conv2d.weight"), (r"mixer\.(.+)$", r"op.\1"),
+                (r"ffn\.ms_conv\.(.+)$", r"mlp.multiscale_conv.\1"), (r"ffn\.(.+)$", r"mlp.\1"), (r"(.+)$", r"\1")]
+
+
+def msvm_unet_official_key(k: str) -> str | None:
+    """Our MSVM-UNet key -> the official key (the inverse of :func:`msvm_unet_key`), for error messages."""
+    stem = {v: f for f, v in _MSVM_STEM.items()}
+    m = re.match(r"encoder\.stem\.(\d)\.(.+)$", k)
+    if m and m.group(1) in stem:
+        return f"encoder.{stem[m.group(1)]}.{m.group(2)}"
+    m = re.match(r"(encoder\.stages\.(\d+)\.(\d+)|decoder\.up_blocks\.(\d+)\.blocks\.(\d+))\.(.+)$", k)
+    if m:
+        head = f"encoder.layers.{m.group(2)}.blocks.{m.group(3)}" if m.group(2) is not None else \
+            f"decoder.layers.{m.group(4)}.vss_layer.blocks.{m.group(5)}"
+        return f"{head}.{_first_sub(_VSS_V2_BACK, m.group(6))}"
+    return _first_sub([(r"encoder\.downsamples\.(\d+)\.conv\.(.+)$", r"encoder.downsamples.\1.1.\2"),
+                       (r"encoder\.downsamples\.(\d+)\.norm\.(.+)$", r"encoder.downsamples.\1.3.\2"),
+                       (r"decoder\.up_blocks\.(\d+)\.up\.(.+)$", r"decoder.layers.\1.up.\2"),
+                       (r"decoder\.up_blocks\.(\d+)\.concat\.(.+)$", r"decoder.layers.\1.concat_layer.\2"),
+                       (r"decoder\.final\.steps\.0\.(.+)$", r"decoder.out_layers.0.\1"),
+                       (r"decoder\.seg_layers\.0\.(.+)$", r"decoder.out_layers.0.out.\1")], k)
+
+
+def _from_2d_only(spatial_dims, name, what):
+    if spatial_dims == 3:
+        raise CheckpointError(f"{name}: {what} is 2D only and our 3D variant has other shapes (see docs/model_card.md); "
+                              f"no 2D -> 3D inflation for it: convert with --spatial-dims 2")
+
+
+def _from_msvm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
+    _require(sd, ["encoder.layer0.0.weight", "encoder.layers.0.blocks.0.op.x_proj_weight",
+                  "decoder.out_layers.0.out.weight"], "msvm_unet", "MSVM-UNet", name)
+    _from_2d_only(spatial_dims, name, "MSVM-UNet")
+    n = _count(sd, r"encoder\.layers\.(\d+)\.blocks\.")
+    dims = [int(sd[f"encoder.layers.{i}.blocks.0.norm.weight"].shape[0]) for i in range(n)]
+    depths = [_count(sd, rf"encoder\.layers\.{i}\.blocks\.(\d+)\.") for i in range(n)]
+    dec_depths = [_count(sd, rf"decoder\.layers\.{i}\.vss_layer\.blocks\.(\d+)\.") for i in range(n - 1)]
+    fc1 = sd["encoder.layers.0.blocks.0.mlp.fc1.weight"] if "encoder.layers.0.blocks.0.mlp.fc1.weight" in sd else None
+    kw = dict(dims=dims, depths=depths, decoder_depths=dec_depths,
+              d_state=int(sd["encoder.layers.0.blocks.0.op.A_logs"].shape[1]))
+    if fc1 is not None:
+        kw["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
+    kw.update(net_kwargs)
+    in_ch = int(sd["encoder.layer0.0.weight"].shape[1])
+    out_ch = int(sd["decoder.out_layers.0.out.weight"].shape[0])
+    mapped, origin = _map_keys(sd, msvm_unet_key, name, arch)
+    for k, v in mapped.items():
+        if _LINEAR2D.search(k) and v.dim() == 4 and tuple(v.shape[2:]) == (1, 1):
+            mapped[k] = v.flatten(1)
+    torch.manual_seed(seed)
+    try:
+        net = nets.create(arch, in_ch, out_ch, 2, **kw)
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: {exc}") from None
+    state = _assemble(net, mapped, origin, name, "msvm_unet", arch, fresh=_ds_heads(net),
+                      official=msvm_unet_official_key)
+    notes = [f"decoder.seg_layers.1..: our deep-supervision heads (not in the official network) keep their seeded "
+             f"initialisation (seed {seed}); unused without deep supervision"]
+    if in_ch == 3:
+        notes.append("the official MSVMUNet.forward repeats a 1-channel input to 3 channels; ours does not: feed "
+                     "3 channels (or sum encoder.stem.0.weight over its input axis for 1-channel images)")
+    return Converted(state, arch, 2, in_ch, out_ch, _jsonable(kw), notes)
+
+
+def _ds_heads(net) -> tuple:
+    n = len(net.decoder.seg_layers)
+    return tuple(f"decoder.seg_layers.{i}." for i in range(1, n))
+
+
+# ------------------------------------------------------------------------------------------------
+# MHS-VM (PixDeep/MHS-VM models/vmunet/vmamba.py @ 77508281, models/vmunet/mhsm.py as
+# .ipynb_checkpoints/mhsm-checkpoint.py @ 3e4241e9) and VM-UNet (JCruan519/VM-UNet
+# models/vmunet/vmunet.py, vmamba.py @ 032efd7f): VMUNet.vmunet = VSSM (layers, layers_up, final_up, final_conv)
+# ------------------------------------------------------------------------------------------------
+
+#: MHSM scan heads in the order MHSM.forward splits x_ssproj's output (C, X, S[, Z]); route_dict rows 0-1, 2-3,
+#: 4-5, 6-7 of routegen.py. Ours: MultiHeadScan families DEFAULT_FAMILIES[:h] = snake, diagonal, spiral, raster.
+MHS_HEAD_ORDER = ("C", "X", "S", "Z")
+_MHS_SCAN_PARAMS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
+
+
+def _mhs_block_key(rest: str) -> str | None:
+    """One MHS-VM VSSBlock sub-key -> ours (the scan-head tensors are merged separately)."""
+    rules = [
+        (r"ln_1\.(weight|bias)$", r"norm.\1"),
+        (r"self_attention\.in_proj\.weight$", "mixer.in_proj.weight"),
+        (r"self_attention\.conv2d\.(weight|bias)$", r"mixer.conv.\1"),
+        (r"self_attention\.out_norm\.(weight|bias)$", r"mixer.out_norm.\1"),
+        (r"self_attention\.mhs\.x_ssproj\.weight$", "mixer.mhs.in_proj.weight"),
+        (r"self_attention\.mhs\.cat_norm\.(weight|bias)$", r"mixer.mhs.out_norm.\1"),
+        (r"self_attention\.mhs\.y_proj\.weight$", "mixer.mhs.out_proj.weight"),
+    ]
+    for pat, rep in rules:
+        if re.match(pat, rest):
+            return re.sub(pat, rep, rest)
+    return None
+
+
+def _vm_unet_block_prefix(k: str) -> tuple[str, str] | None:
+    """``layers.i.blocks.j.REST`` / ``layers_up.i.blocks.j.REST`` -> (our block prefix, REST)."""
+    m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)$", k)
+    if m:
+        return f"encoder.stages.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+    m = re.match(r"layers_up\.(\d+)\.blocks\.(\d+)\.(.+)$", k)
+    if m:
+        return f"decoder.stages.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+    return None
+
+
+def mhs_vm_key(k: str) -> str | None:
+    """Official MHS-VM VSSM key (without the ``vmunet.`` prefix) -> ours, scan-head tensors excepted (None)."""
+    m = re.match(r"patch_embed\.(proj|norm)\.(weight|bias)$", k)
+    if m:
+        return f"encoder.patch_embed.{m.group(1)}.{m.group(2)}"
+    m = re.match(r"layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)$", k)
+    if m:
+        return f"encoder.stages.{m.group(1)}.downsample.{m.group(2)}"
+    m = re.match(r"layers_up\.(\d+)\.upsample\.(norm\.weight|norm\.bias|expand\.weight)$", k)
+    if m:
+        return f"decoder.stages.{m.group(1)}.upsample.{m.group(2)}"
+    m = re.match(r"final_up\.(norm\.weight|norm\.bias|expand\.weight)$", k)
+    if m:
+        return f"decoder.final_expand.{m.group(1)}"
+    m = re.match(r"final_conv\.(weight|bias)$", k)
+    if m:
+        return f"decoder.seg_layers.0.{m.group(1)}"
+    blk = _vm_unet_block_prefix(k)
+    if blk:
+        rest = _mhs_block_key(blk[1])
+        return blk[0] + rest if rest else None
+    return None
+
+
+_MHS_BLOCK_BACK = [(r"norm\.(.+)$", r"ln_1.\1"), (r"mixer\.conv\.(.+)$", r"self_attention.conv2d.\1"),
+                   (r"mixer\.mhs\.in_proj\.weight$", "self_attention.mhs.x_ssproj.weight"),
+                   (r"mixer\.mhs\.out_norm\.(.+)$", r"self_attention.mhs.cat_norm.\1"),
+                   (r"mixer\.mhs\.out_proj\.weight$", "self_attention.mhs.y_proj.weight"),
+                   (r"mixer\.mhs\.(\w+)$", r"self_attention.mhs.scanhead_*.mambaeng.\1"),
+                   (r"mixer\.(.+)$", r"self_attention.\1")]
+
+
+def mhs_vm_official_key(k: str) -> str | None:
+    """Our VMUNetMHS key -> the official MHS-VM VSSM key (without ``vmunet.``), for error messages."""
+    m = re.match(r"(encoder|decoder)\.stages\.(\d+)\.blocks\.(\d+)\.(.+)$", k)
+    if m:
+        layer = "layers" if m.group(1) == "encoder" else "layers_up"
+        return f"{layer}.{m.group(2)}.blocks.{m.group(3)}.{_first_sub(_MHS_BLOCK_BACK, m.group(4))}"
+    return _first_sub([(r"encoder\.patch_embed\.(.+)$", r"patch_embed.\1"),
+                       (r"encoder\.stages\.(\d+)\.downsample\.(.+)$", r"layers.\1.downsample.\2"),
+                       (r"decoder\.stages\.(\d+)\.upsample\.(.+)$", r"layers_up.\1.upsample.\2"),
+                       (r"decoder\.final_expand\.(.+)$", r"final_up.\1"),
+                       (r"decoder\.seg_layers\.0\.(.+)$", r"final_conv.\1")], k)
+
+
+def _strip_vmunet(sd: dict) -> dict:
+    """VMUNet keeps the VSSM under ``vmunet.``; a bare VSSM state dict is accepted as well."""
+    if any(k.startswith("vmunet.") for k in sd):
+        return {k[len("vmunet."):]: v for k, v in sd.items() if k.startswith("vmunet.")} | \
+            {k: v for k, v in sd.items() if not k.startswith("vmunet.")}
+    return dict(sd)
+
+
+def _merge_mhs_heads(sd: dict, name: str) -> tuple[dict, dict, dict, int]:
+    """Pull the per-head MambaEngine tensors out of ``sd``: (rest of sd, ours -> tensor, ours -> official key,
+    number of heads). Head tensors are concatenated along dim 0 in the order C, X, S, Z (sequence
+    s = head * 4 + route in our MultiHeadScan). The alias ``mhs.x_ssproj_W`` (the same Parameter as
+    ``mhs.x_ssproj.weight``, registered twice by the official code) is dropped after checking it is equal."""
+    rx = re.compile(r"(.+\.self_attention\.mhs)\.scanhead_([A-Z])\.mambaeng\.(\w+)$")
+    rest, groups = {}, {}
+    for k, v in sd.items():
+        m = rx.match(k)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (k, v)
+            continue
+        if k.endswith(".self_attention.mhs.x_ssproj_W"):
+            twin = k[:-len("x_ssproj_W")] + "x_ssproj.weight"
+            if twin in sd and not torch.equal(sd[twin], v):
+                raise CheckpointError(f"{name}: {k} differs from {twin} (the official code registers one Parameter "
+                                      f"under both names): damaged checkpoint")
+            if twin in sd:
+                continue
+            k = twin  # only the alias was saved
+        rest[k] = v
+    mapped, origin, n_heads = {}, {}, set()
+    for (prefix, param), heads in sorted(groups.items()):
+        letters = "".join(sorted(heads, key=lambda c: MHS_HEAD_ORDER.index(c) if c in MHS_HEAD_ORDER else 99))
+        if param not in _MHS_SCAN_PARAMS or letters not in ("CXS", "CXSZ"):
+            raise CheckpointError(f"{name}: unexpected MHS scan heads/parameter under {prefix}: scanhead_"
+                                  f"{'/'.join(letters)}.mambaeng.{param} (expected scanhead_C/X/S[/Z] with "
+                                  f"{', '.join(_MHS_SCAN_PARAMS)})")
+        n_heads.add(len(letters))
+        blk = _vm_unet_block_prefix(prefix + ".")
+        ours = f"{blk[0]}mixer.mhs.{param}"
+        mapped[ours] = torch.cat([heads[c][1] for c in letters], dim=0)
+        origin[ours] = f"{prefix}.scanhead_{{{','.join(letters)}}}.mambaeng.{param}"
+    if len(n_heads) > 1:
+        raise CheckpointError(f"{name}: blocks with different numbers of scan heads ({sorted(n_heads)}); our "
+                              f"network uses one num_heads for every block")
+    return rest, mapped, origin, (n_heads.pop() if n_heads else 0)
+
+
+def _vm_unet_dims(sd):
+    n = _count(sd, r"layers\.(\d+)\.blocks\.")
+    dims = [int(sd[f"layers.{i}.blocks.0.ln_1.weight"].shape[0]) for i in range(n)]
+    depths = [_count(sd, rf"layers\.{i}\.blocks\.(\d+)\.") for i in range(n)]
+    dec = [_count(sd, rf"layers_up\.{i}\.blocks\.(\d+)\.") for i in range(_count(sd, r"layers_up\.(\d+)\."))]
+    return dims, depths, dec
+
+
+def _from_mhs_vm(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
+    sd = _strip_vmunet(sd)
+    if "layers.0.blocks.0.self_attention.x_proj_weight" in sd:
+        raise CheckpointError(f"{name}: this is a VM-UNet (SS2D) checkpoint, not MHS-VM: use --from vm_unet")
+    _require(sd, ["patch_embed.proj.weight", "layers.0.blocks.0.ln_1.weight", "final_conv.weight"],
+             "mhs_vm", "MHS-VM (VMUNet with VSSGate / MHSM)", name)
+    _from_2d_only(spatial_dims, name, "MHS-VM")
+    rest, mapped, origin, heads = _merge_mhs_heads(sd, name)
+    if not heads:
+        raise CheckpointError(f"{name}: no MHS scan heads (layers.*.blocks.*.self_attention.mhs.scanhead_*): "
+                              f"not an MHS-VM checkpoint")
+    no_proj = sorted(k[:-len("x_ssproj.weight")] for k in rest if k.endswith(".mhs.x_ssproj.weight")
+                     and k[:-len("x_ssproj.weight")] + "y_proj.weight" not in rest)
+    if no_proj:
+        raise CheckpointError(f"{name}: MHS blocks without cat_norm / y_proj (para_dict 'with_proj': False): our "
+                              f"MultiHeadScan always normalises and projects the heads, so these blocks cannot be "
+                              f"represented: {_fmt(p + 'y_proj.weight' for p in no_proj)} absent")
+    from medmamba.layers.multi_head_scan import DEFAULT_FAMILIES
+    fam = list(DEFAULT_FAMILIES[:heads])
+    if "families" in net_kwargs and list(net_kwargs["families"]) != fam:
+        raise CheckpointError(f"{name}: the official heads scan C, X, S{', Z' if heads == 4 else ''} = {fam}; "
+                              f"--net-kwargs families {list(net_kwargs['families'])} would scan other routes")
+    if "num_heads" in net_kwargs and int(net_kwargs["num_heads"]) != heads:
+        raise CheckpointError(f"{name}: the checkpoint has {heads} scan heads per block, not num_heads="
+                              f"{net_kwargs['num_heads']}")
+    dims, depths, dec = _vm_unet_dims(rest)
+    kw = dict(dims=dims, depths=depths, decoder_depths=dec, num_heads=heads, families=fam,
+              d_state=int(next(v for k, v in mapped.items() if k.endswith("mhs.A_logs")).shape[1]))
+    kw.update(net_kwargs)
+    in_ch = int(rest["patch_embed.proj.weight"].shape[1])
+    out_ch = int(rest["final_conv.weight"].shape[0])
+    m2, o2 = _map_keys(rest, mhs_vm_key, name, arch)
+    mapped.update(m2)
+    origin.update(o2)
+    torch.manual_seed(seed)
+    try:
+        net = nets.create(arch, in_ch, out_ch, 2, **kw)
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: {exc}") from None
+    state = _assemble(net, mapped, origin, name, "mhs_vm", arch, fresh=_ds_heads(net), official=mhs_vm_official_key)
+    notes = [f"threshold (the SRA 'gfu_t' of para_dict) is not stored in the checkpoint: {kw.get('threshold', 0.5)} "
+             f"is used (the released config: 0.5 for ISIC18, 0.0 for ISIC17); pass --net-kwargs "
+             f"'{{\"threshold\": T}}' with the value of the training config",
+             f"decoder.seg_layers.1..: our deep-supervision heads keep their seeded initialisation (seed {seed})"]
+    if out_ch == 1:
+        notes.append("num_classes 1: the official VMUNet.forward applies a sigmoid; ours returns logits")
+    if in_ch == 3:
+        notes.append("the official VMUNet.forward repeats a 1-channel input to 3 channels; ours does not")
+    return Converted(state, arch, 2, in_ch, out_ch, _jsonable(kw), notes)
+
+
+def _from_vm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, **_):
+    sd = _strip_vmunet(sd)
+    _require(sd, ["patch_embed.proj.weight", "layers.0.blocks.0.ln_1.weight"], "vm_unet", "VM-UNet", name)
+    if any(".self_attention.mhs." in k for k in sd):
+        raise CheckpointError(f"{name}: this is an MHS-VM checkpoint (self_attention.mhs.*): use --from mhs_vm")
+    ss2d = sorted(k for k in sd if re.search(r"\.self_attention\.(x_proj_weight|dt_projs_weight|dt_projs_bias|"
+                                             r"A_logs|Ds|out_proj\.weight)$", k))
+    raise CheckpointError(
+        f"{name}: VM-UNet's VSS blocks mix with SS2D (d_inner 2C, 4 cross-scan routes, out_proj); {arch} mixes with "
+        f"MHS-VM's gated Multi-Head Scan, which has no counterpart for them: {len(ss2d)} SS2D tensors cannot be "
+        f"placed ({_fmt(ss2d)}). Nothing is converted rather than dropping the mixers (a real architecture "
+        f"difference, see docs/weights.md); the other tensors (patch embedding, merging, expanding, final "
+        f"conv) would fit.")
+
+
+# ------------------------------------------------------------------------------------------------
+# MambaMIM (FengheTan9/MambaMIM models/network/hymamba.py @ 8b96c053): HyMamba checkpoints
+# ------------------------------------------------------------------------------------------------
+
+_HYMAMBA = re.compile(r"(^|\.)(embeddings\.(stem|expend\d|layer\d|encoder\d)\.|mae\.(pos_embed|mask_token|blocks\.\d+\.)"
+                      r"|decoder\.decoder\d\.)")
+
+
+def _from_mambamim(sd, ckpt, arch, spatial_dims, net_kwargs, name, **_):
+    fmt = ckpt.get("format") if isinstance(ckpt, Mapping) else None
+    if isinstance(fmt, str) and fmt.startswith("medmamba.pretrain"):
+        raise CheckpointError(f"{name}: a medmamba pretraining checkpoint ({fmt}): it needs no conversion; use its "
+                              f"exported network_weights with nnUNetv2_train -pretrained_weights (docs/pretraining.md)")
+    hy = sorted(k for k in sd if _HYMAMBA.search(k))
+    if hy:
+        raise CheckpointError(
+            f"{name}: a MambaMIM HyMamba checkpoint (MedNeXt-block CNN stages 'embeddings.*', a Mamba bottleneck "
+            f"with MLPs and a fixed position embedding 'mae.*'): {arch} has no counterpart for these modules, so "
+            f"none of its {len(sd)} tensors can be placed ({len(hy)} HyMamba keys: {_fmt(hy)}). Pretrain "
+            f"{arch} with `medmamba pretrain` instead (the MambaMIM method on our encoders, docs/pretraining.md).")
+    raise CheckpointError(f"{name}: not a MambaMIM (HyMamba) checkpoint: no embeddings.* / mae.* keys; its first "
+                          f"keys are {_fmt(sorted(sd)[:8])}")
+
+
+# ------------------------------------------------------------------------------------------------
 
 _CONVERTERS: dict[str, Callable] = {
     "umamba": _from_umamba,
     "lightm_unet": _from_lightm_unet,
     "swin_umamba": _from_swin_umamba,
     "vmamba": _from_vmamba,
+    "msvm_unet": _from_msvm_unet,
+    "mhs_vm": _from_mhs_vm,
+    "vm_unet": _from_vm_unet,
+    "mambamim": _from_mambamim,
 }
 
 
@@ -473,16 +874,13 @@ def convert(source: str, ckpt, arch: str, spatial_dims: int | None = None, net_k
         raise CheckpointError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     if arch not in SOURCES[source]:
         raise CheckpointError(f"source '{source}' converts to {', '.join(SOURCES[source])}, not {arch!r}")
-    if source in _NOT_WRITTEN:
-        raise CheckpointError(f"the '{source}' converter is not written yet (see docs/model_card.md); "
-                              f"available: {', '.join(_CONVERTERS)}")
     if spatial_dims not in (None, 2, 3):
         raise CheckpointError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if inflate not in ("average", "centre"):
         raise CheckpointError(f"inflate must be 'average' or 'centre', got {inflate!r}")
     name = str(ckpt) if isinstance(ckpt, (str, os.PathLike)) else "<checkpoint>"
     obj = load_checkpoint(ckpt) if isinstance(ckpt, (str, os.PathLike)) else ckpt
-    sd = _state_dict(obj, name)
+    sd = extract_state_dict(obj, name)
     return _CONVERTERS[source](sd, obj if isinstance(obj, Mapping) else {}, arch, spatial_dims,
                                dict(net_kwargs or {}), name, seed=seed, inflate=inflate,
                                in_channels=in_channels, out_channels=out_channels)
