@@ -366,3 +366,148 @@ def test_predict_ctrl_c(real, tmp_path, monkeypatch, capsys):
     # (MONAI's logging.conf may bind a handler to an earlier test's captured stderr: "--- Logging error ---")
     assert "interrupted" in err and err.count("Traceback") == err.count("--- Logging error ---")
     assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".nii.gz")]
+
+
+# ------------------------------------------------------------------------------------------- leftovers of issue 14
+def test_evaluate_missing_prediction_fails_unless_allowed(real, tmp_path, capsys):
+    """A reference without prediction: exit 1 naming the case, the report of the cases present is written and
+    marked incomplete; ``--allow-missing`` accepts it (exit 0). The Python API only reports (demo, compare)."""
+    from medmamba.clinic.evaluate import evaluate
+
+    _, _, mask, _ = real
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    for name in ("a", "b", "c"):
+        _save(mask, ref / f"{name}.nii.gz")
+    _save(mask, pred / "a.nii.gz")
+    _save(mask, pred / "b.nii.gz")
+    out = tmp_path / "out"
+    assert _evaluate(pred, ref, out) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "1 reference case(s) without prediction: c" in lines[0]
+    assert "--allow-missing" in lines[0] and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and summary["missing_pred"] == ["c"]
+    assert summary["cases"]["c"]["status"] == "missing_pred" and "metrics" not in summary["cases"]["c"]
+    assert summary["cases"]["a"]["status"] == summary["cases"]["b"]["status"] == "ok"
+    assert summary["cases"]["a"]["metrics"]["1"]["dice"] == 1.0 and summary["mean"]["1"]["n"] == 2
+    html = (out / "report.html").read_text()
+    assert "INCOMPLETE" in html and "2 case(s) compared" in html
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert sum(r.startswith("c,") for r in rows) == 1 and "missing_pred" in [r for r in rows if r.startswith("c,")][0]
+    # the explicit, documented opt-out
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "out2"), "--slices", "1",
+                 "--allow-missing"]) == 0
+    assert "allowed by --allow-missing" in capsys.readouterr().err
+    # complete: exit 0, "complete": true
+    os.remove(ref / "c.nii.gz")
+    assert _evaluate(pred, ref, tmp_path / "out3") == 0
+    assert json.loads((tmp_path / "out3" / "summary.json").read_text())["complete"] is True
+    # --json does not bypass the policy (nor the "nothing evaluated" rule)
+    _save(mask, ref / "c.nii.gz")
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "out4"), "--json",
+                 "--quiet"]) == 1
+    assert json.loads(capsys.readouterr().out)["complete"] is False
+    assert main(["evaluate", "--pred", str(tmp_path / "out"), "--ref", str(ref), "--out", str(tmp_path / "out5"),
+                 "--json", "--quiet"]) == 1
+    # the function itself raises nothing for a missing prediction: the exit policy is the CLI's
+    s = evaluate(str(pred), str(ref), str(tmp_path / "out6"), progress=False)
+    assert s["cases"]["c"]["status"] == "missing_pred" and s["cases"]["a"]["metrics"]["1"]["nsd"] == 1.0
+
+
+@pytest.mark.parametrize("error", ["torch", "runtime"])
+def test_predict_out_of_memory(real, tmp_path, monkeypatch, capsys, error):
+    """Out of memory in the network: the case fails with a message naming it and what to change, no partial
+    output, the other cases still run, exit 1; ``--sw-batch-size 1`` (the hint) is honoured."""
+    import torch
+    from monai.inferers import SlidingWindowInferer
+
+    _, ct, _, bundle = real
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _save(ct, inp / "a.nii.gz")
+    _save(ct, inp / "b.nii.gz")
+    original = SlidingWindowInferer.__call__
+    calls = []
+
+    def oom(self, *a, **k):     # out of memory only for the first case, and only with several windows per pass
+        calls.append(self.sw_batch_size)
+        if self.sw_batch_size > 1 and len(calls) == 1:
+            if error == "torch":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: out of memory")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(SlidingWindowInferer, "__call__", oom)
+    out = tmp_path / "out"
+    assert _predict(bundle, inp, out) == 1
+    err = capsys.readouterr().err
+    # (MONAI's logging.conf may bind a handler to an earlier test's captured stderr: "--- Logging error ---")
+    assert err.count("Traceback") == err.count("--- Logging error ---")
+    failed = [line for line in err.splitlines() if "out of memory" in line]
+    assert failed and all("case a" in line and "--sw-batch-size 1" in line for line in failed)
+    log = json.loads((out / "predict_log.json").read_text())["cases"]
+    assert log["a"]["status"] == "failed" and "out of memory while segmenting case a" in log["a"]["error"]
+    assert log["b"]["status"] == "ok"                                  # the next case still ran
+    assert sorted(os.listdir(out)) == ["b.nii.gz", "predict_log.json"]  # nothing partial, no temporary file
+    calls.clear()
+    assert _predict(bundle, inp, out, "--sw-batch-size", "1") == 1      # b exists (kept), a now written
+    assert calls == [1] and os.path.isfile(out / "a.nii.gz")
+    assert _predict(bundle, inp, tmp_path / "o2", "--sw-batch-size", "0") == 2
+
+
+def test_output_path_is_a_file(real, tmp_path, capsys):
+    """--out/--output that is an existing file, or whose parent is a file: one line, exit 2, for predict,
+    evaluate and export; nothing written."""
+    _, ct, mask, bundle = real
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _save(ct, inp / "a.nii.gz")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    _save(mask, ref / "a.nii.gz")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out, match in ((afile, "is a file, not a folder"), (afile / "sub", f"{afile} is a file, not a folder"),
+                       (afile / "sub" / "deeper", f"{afile} is a file, not a folder")):
+        for argv in (["predict", "--model", bundle, "--input", str(inp), "--output", str(out), "--device", "cpu"],
+                     ["evaluate", "--pred", str(ref), "--ref", str(ref), "--out", str(out)],
+                     ["export", bundle, "--format", "onnx", str(out)]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and match in err and "Traceback" not in err, (argv, err)
+            assert err.startswith(f"medmamba {argv[0]}: error:")
+    assert afile.read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "in", "ref"]
+
+
+def test_pretrain_prints_no_repeated_warnings(tmp_path):
+    """A short pretrain on two real CTs (with a data-loader worker) prints no line twice and no warning, in
+    particular not MONAI's nvImageCodec notice that LoadImage logged for every volume (~100 lines on a real run).
+    A subprocess: pytest's own logging and warnings capture would hide what a user sees on stderr."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    for case in ("STS_002", "STS_003"):
+        src = os.path.join(DATA_DIR, "ibsi_sts", case, "CT_image.nii.gz")
+        if not os.path.isfile(src):
+            pytest.skip(f"{src} not found")
+        (data / case).mkdir(parents=True)
+        os.symlink(src, data / case / "CT_image.nii.gz")
+    net = {"features_per_stage": [4, 8, 16], "strides": [1, 2, 2], "n_blocks_per_stage": [1, 1, 1]}
+    argv = [sys.executable, "-m", "medmamba", "pretrain", "--data", str(data), "--arch", "umamba_bot",
+            "--out", str(tmp_path / "run"), "--patch", "32", "32", "32", "--spacing", "4", "4", "4",
+            "--batch-size", "2", "--device", "cpu", "--decoder-width", "16", "--workers", "1", "--steps", "4",
+            "--samples-per-volume", "1", "--net-kwargs", json.dumps(net), "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert not [line for line in lines if "nvImageCodec" in line], lines
+    repeated = {line for line in lines if lines.count(line) > 1}
+    assert not repeated, repeated
+    assert not [line for line in lines if "Warning" in line or "warning" in line], lines

@@ -13,12 +13,15 @@ prediction empty, reference not   0.0    null, flag ``hd95_undefined``    0.0
 ================================  =====  ===============================  =====
 
 Means per label are over the evaluated cases; the HD95 mean is over the cases where it is defined
-(``hd95_n`` says how many). Cases in REF without a prediction (``missing_pred``), predictions without a
-reference (``missing_ref``), unreadable files and cases whose geometry differs (``refused``) are listed in the
-outputs and left out of the means. Both files are read through :func:`medmamba.clinic.imageio.read_case`: a
+(``hd95_n`` says how many). Cases in REF without a prediction (``missing_pred``; also in ``cases`` with
+``status: "missing_pred"``, and the summary says ``"complete": false``), predictions without a reference
+(``missing_ref``), unreadable files and cases whose geometry differs (``refused``) are listed in the outputs and
+left out of the means. Both files are read through :func:`medmamba.clinic.imageio.read_case`: a
 truncated file, NaN/inf voxels, or a reference/prediction with non-integer or negative values refuses the case.
-Exit status: 0, or 1 when any case was refused or unreadable or when no case was evaluated at all, 2 on usage
-errors (e.g. OUT/summary.json exists without ``--overwrite``).
+Exit status (:func:`cmd_evaluate`; :func:`evaluate` itself raises only on usage errors): 0, or 1 when any case
+was refused or unreadable, when a reference case has no prediction (unless ``--allow-missing``; the report is
+still written for the cases present and marked incomplete) or when no case was evaluated at all, 2 on usage
+errors (e.g. OUT/summary.json exists without ``--overwrite``, OUT is a file).
 """
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="optional folder of the scans (CASE.nii.gz or CASE_0000.nii.gz) shown under the contours")
     p.add_argument("--slices", type=int, default=3, help="axial slices per case in the report (default 3)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/summary.json")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="a reference case without prediction is listed (summary.json: \"complete\": false) but does "
+                        "not make the exit status 1 (default: it does, naming the case)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the per-label means as JSON on stdout")
     p.set_defaults(func=cmd_evaluate)
@@ -222,14 +228,20 @@ def _html_report(summary: dict, images: dict) -> str:
     figs = "".join(f"<h3>{e(case)}</h3><img alt='{e(case)}' src='data:image/png;base64,"
                    f"{base64.b64encode(png).decode()}'/>" for case, png in images.items())
     p = summary["parameters"]
+    n_compared = sum(c["status"] != "missing_pred" for c in summary["cases"].values())
+    incomplete = ""
+    if summary["missing_pred"]:
+        incomplete = (f"<p class='incomplete'><b>INCOMPLETE</b>: {len(summary['missing_pred'])} reference case(s) "
+                      f"without prediction, not in the means: {e(', '.join(summary['missing_pred']))}</p>")
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>medmamba evaluation</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #bbb;padding:2px 8px;text-align:right}} td:first-child{{text-align:left}}
-tr.bad{{background:#f8d0d0}} tr.warn{{background:#fff2c0}} img{{max-width:100%}}</style></head><body>
+tr.bad{{background:#f8d0d0}} tr.warn{{background:#fff2c0}} img{{max-width:100%}}
+p.incomplete{{background:#f8d0d0;padding:4px}}</style></head><body>
 <h1>Segmentation evaluation</h1>
-<p>Predictions: <code>{e(p['pred'])}</code><br>Reference: <code>{e(p['ref'])}</code><br>
-{len(summary['cases'])} case(s) compared, labels {e(str(p['labels']) if p['labels'] else 'from the references')},
+{incomplete}<p>Predictions: <code>{e(p['pred'])}</code><br>Reference: <code>{e(p['ref'])}</code><br>
+{n_compared} case(s) compared, labels {e(str(p['labels']) if p['labels'] else 'from the references')},
 NSD tolerance {p['nsd_tolerance_mm']} mm. Created {e(summary['created'])} by medmamba {e(summary['version'])}.</p>
 <p>Dice and NSD: 1 is perfect. HD95: 95th percentile of the symmetric surface distance in mm, 0 is perfect.
 Both masks empty: Dice 1, HD95 0, NSD 1. Exactly one empty: Dice 0, NSD 0, HD95 undefined (n/a).</p>
@@ -281,7 +293,7 @@ def evaluate(pred: str, ref: str, out: str, labels=None, nsd_tolerance: float = 
                                "mean": "over evaluated cases; hd95 over cases where it is defined"},
                "missing_pred": sorted(set(ref_cases) - set(pred_cases)),
                "missing_ref": sorted(set(pred_cases) - set(ref_cases)),
-               "refused": [], "cases": {}, "mean": {}}
+               "complete": not (set(ref_cases) - set(pred_cases)), "refused": [], "cases": {}, "mean": {}}
     if labels is None:   # every non-zero label of any reference (one extra read of the references)
         found = set()
         for name in tqdm(common, desc="reference labels", unit="case", disable=not progress):
@@ -318,6 +330,10 @@ def evaluate(pred: str, ref: str, out: str, labels=None, nsd_tolerance: float = 
         except Exception as exc:
             entry["warnings"].append(f"overlay image failed: {type(exc).__name__}: {exc}")
 
+    for name in summary["missing_pred"]:     # every reference case has an entry; these have no metrics
+        summary["cases"][name] = {"status": "missing_pred", "reason": "no prediction for this reference",
+                                  "ref_file": ref_cases[name].path}
+
     all_labels = sorted({int(k) for e in summary["cases"].values() for k in e.get("metrics", {})})
     for lab in all_labels:
         ms = [e["metrics"][str(lab)] for e in summary["cases"].values() if str(lab) in e.get("metrics", {})]
@@ -338,8 +354,6 @@ def evaluate(pred: str, ref: str, out: str, labels=None, nsd_tolerance: float = 
         for lab, m in entry["metrics"].items():
             w.writerow([name, lab, "ok", m["dice"], "" if m["hd95_mm"] is None else m["hd95_mm"], m["nsd"],
                         m["vol_pred_ml"], m["vol_ref_ml"], ";".join(m["flags"])])
-    for name in summary["missing_pred"]:
-        w.writerow([name, "", "missing_pred", "", "", "", "", "", "no prediction for this reference"])
     for name in summary["missing_ref"]:
         w.writerow([name, "", "missing_ref", "", "", "", "", "", "no reference for this prediction"])
     imageio.write_text_atomic(os.path.join(out, "metrics.csv"), buf.getvalue())
@@ -349,7 +363,12 @@ def evaluate(pred: str, ref: str, out: str, labels=None, nsd_tolerance: float = 
     return summary
 
 
+def _names(names, limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 def cmd_evaluate(args) -> int:
+    """The exit-status policy lives here; :func:`evaluate` (also called by ``demo`` and ``compare``) only reports."""
     try:
         summary = evaluate(args.pred, args.ref, args.out, labels=args.labels, nsd_tolerance=args.nsd_tolerance,
                            images=args.images, n_slices=args.slices, overwrite=args.overwrite,
@@ -357,23 +376,33 @@ def cmd_evaluate(args) -> int:
     except (FileExistsError, FileNotFoundError, ValueError, PermissionError) as exc:
         print(f"medmamba evaluate: error: {exc}", file=sys.stderr)
         return 2
+    allow_missing = getattr(args, "allow_missing", False)
+    n_ok = sum(e["status"] == "ok" for e in summary["cases"].values())
+    missing = summary["missing_pred"]
     if getattr(args, "json", False):
-        print(json.dumps({"mean": summary["mean"], "refused": summary["refused"],
-                          "missing_pred": summary["missing_pred"], "missing_ref": summary["missing_ref"]}, indent=2))
-        return 1 if summary["refused"] else 0
-    for lab, m in summary["mean"].items():
-        print(f"label {lab}: n={m['n']} Dice {m['dice']:.4f}  HD95 {_num(m['hd95_mm'], '{:.2f}')} mm "
-              f"(n={m['hd95_n']})  NSD@{args.nsd_tolerance:g}mm {m['nsd']:.4f}")
-    for key, what in (("missing_pred", "references without prediction"),
-                      ("missing_ref", "predictions without reference")):
-        if summary[key]:
-            print(f"warning: {len(summary[key])} {what}: {', '.join(summary[key])}", file=sys.stderr)
+        print(json.dumps({"mean": summary["mean"], "refused": summary["refused"], "missing_pred": missing,
+                          "missing_ref": summary["missing_ref"], "complete": summary["complete"]}, indent=2))
+    else:
+        for lab, m in summary["mean"].items():
+            print(f"label {lab}: n={m['n']} Dice {m['dice']:.4f}  HD95 {_num(m['hd95_mm'], '{:.2f}')} mm "
+                  f"(n={m['hd95_n']})  NSD@{args.nsd_tolerance:g}mm {m['nsd']:.4f}")
+        print(f"wrote {os.path.join(args.out, 'summary.json')}, metrics.csv, report.html"
+              + (" (incomplete)" if missing else ""))
+    if summary["missing_ref"]:
+        print(f"warning: {len(summary['missing_ref'])} predictions without reference: "
+              f"{_names(summary['missing_ref'])}", file=sys.stderr)
     for name in summary["refused"]:
         print(f"refused {name}: {summary['cases'][name]['reason']}", file=sys.stderr)
-    print(f"wrote {os.path.join(args.out, 'summary.json')}, metrics.csv, report.html")
-    n_ok = sum(e["status"] == "ok" for e in summary["cases"].values())
     if n_ok == 0:     # nothing evaluated is never a success (e.g. predict wrote nothing)
-        print(f"medmamba evaluate: error: no case evaluated ({len(summary['missing_pred'])} reference(s) without "
+        print(f"medmamba evaluate: error: no case evaluated ({len(missing)} reference(s) without "
               f"prediction, {len(summary['refused'])} refused): check --pred and --ref", file=sys.stderr)
         return 1
+    if missing and not allow_missing:
+        print(f"medmamba evaluate: error: {len(missing)} reference case(s) without prediction: {_names(missing)}; "
+              f"the report covers the {n_ok + len(summary['refused'])} case(s) present and is marked incomplete "
+              f"(--allow-missing to accept this)", file=sys.stderr)
+        return 1
+    if missing:
+        print(f"warning: {len(missing)} reference case(s) without prediction (allowed by --allow-missing): "
+              f"{_names(missing)}", file=sys.stderr)
     return 1 if summary["refused"] else 0

@@ -136,6 +136,8 @@ def export_onnx(model: str, out: str, opset: int = DEFAULT_OPSET, folds=None,
     import torch
 
     kind = _predict.model_kind(model)
+    if problem := imageio.output_folder_problem(out):     # before loading the model: fail at once, in one line
+        raise ValueError(problem)
     if os.path.exists(out) and os.listdir(out):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")

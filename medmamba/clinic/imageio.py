@@ -208,8 +208,26 @@ def _umask() -> int:
     return m
 
 
+def output_folder_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be (or become) an output folder because a path component is a file, or None.
+
+    Creates nothing. Checks ``folder`` itself (an existing file is not a folder) and its nearest existing
+    ancestor (a file there means the folder can never be created); permissions are left to the write probe."""
+    path = os.path.abspath(folder)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{folder} exists and is a file, not a folder: choose another output folder"
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        return f"cannot create output folder {folder}: {parent} is a file, not a folder"
+    return None
+
+
 def check_writable(folder: str) -> None:
     """Create ``folder`` if needed and fail early (with a clear message) when it cannot be written."""
+    if problem := output_folder_problem(folder):
+        raise PermissionError(problem)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:

@@ -18,6 +18,9 @@ Case names: NIfTI file name without ``.nii``/``.nii.gz`` (and without nnU-Net's 
 nnU-Net models every ``_NNNN`` is a channel, for bundles only ``_0000`` is dropped); DICOM series: see
 :mod:`medmamba.clinic.imageio`. Inputs are read through :func:`medmamba.clinic.imageio.read_case`, which refuses
 truncated files, NaN/inf voxels and DICOM series with missing slices (the case fails, the others run).
+Out of memory fails the case with a message naming it and what to change (``--sw-batch-size 1``, ``--device
+cpu``, ...); the GPU cache is freed and the other cases run. An output folder that is a file (or lies below
+one) is a usage error.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "(see medmamba.clinic.dicom_seg; default: built-in codes or a private scheme)")
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                    help="onnxruntime: MODEL is a folder written by `medmamba export --format onnx` (default torch)")
+    p.add_argument("--sw-batch-size", type=int, metavar="N",
+                   help="MONAI bundles: sliding windows per forward pass, replacing the bundle's inferer "
+                        "sw_batch_size (lower it, e.g. 1, when a case runs out of GPU memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the per-case log as JSON on stdout (machine-readable)")
     p.set_defaults(func=cmd_predict)
@@ -236,7 +242,8 @@ def group_cases(cases, n_channels: int = 1, channel_suffix: bool = True) -> dict
 
 def predict(model: str, input: str, output: str, device: str | None = None, overwrite: bool = False,
             folds=None, checkpoint: str = "checkpoint_final.pth", mirroring: bool = True, progress: bool = True,
-            output_format: str = "nifti", seg_coding: str | None = None, runtime: str = "torch") -> dict:
+            output_format: str = "nifti", seg_coding: str | None = None, runtime: str = "torch",
+            sw_batch_size: int | None = None) -> dict:
     """Predict every case; returns ``{case: {"status": "ok"|"failed"|"exists", ...}}``.
 
     ``output_format``: "nifti", "dicom-seg" (DICOM series inputs only; :mod:`medmamba.clinic.dicom_seg`) or "both".
@@ -250,6 +257,9 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here")
+    if sw_batch_size is not None and (sw_batch_size < 1 or kind != "bundle"):
+        raise ValueError("--sw-batch-size must be at least 1" if sw_batch_size < 1 else
+                         "--sw-batch-size applies to MONAI bundles (nnU-Net runs one tile at a time)")
     cases = imageio.find_cases(input)
     if not cases:
         raise ValueError(f"no NIfTI files or DICOM series found in {input}")
@@ -280,6 +290,11 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             raise
         except Exception as exc:   # corrupt or mismatched weights, broken config: one line naming the model
             raise ValueError(f"cannot load the model {model}: {validate.error_message(exc)}") from None
+        if sw_batch_size is not None:
+            if not hasattr(runner.inferer, "sw_batch_size"):
+                raise ValueError(f"--sw-batch-size: the bundle's inferer ({type(runner.inferer).__name__}) has no "
+                                 "sliding-window batch")
+            runner.inferer.sw_batch_size = sw_batch_size
     log = {}
     bar = tqdm(groups.items(), desc="predict", unit="case", disable=not progress)
     for name, group in bar:
@@ -296,6 +311,7 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
             tqdm.write(f"SKIPPED {name}: {entry['error']}", file=sys.stderr)
             continue
         start = time.perf_counter()
+        images = None
         try:
             images = [imageio.read_case(c) for c in group]      # refuses truncated files, NaN/inf, slice gaps
             for c, im in zip(group, images):
@@ -332,6 +348,11 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
                          labels=sorted(int(v) for v in np.unique(seg)))
         except Exception as exc:   # report, go on with the other cases
             entry.update(status="failed", error=validate.error_message(exc))
+            if validate.is_out_of_memory(exc):    # name the case and what to change; free memory for the next case
+                entry["error"] = (f"{_oom_message(name, images, device, kind, runner, model)} "
+                                  f"[{validate.error_message(exc, oom_hint=False)}]")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             if os.environ.get("MEDMAMBA_DEBUG"):
                 entry["traceback"] = traceback.format_exc()
             tqdm.write(f"FAILED {name}: {entry['error']}", file=sys.stderr)
@@ -352,6 +373,24 @@ def predict(model: str, input: str, output: str, device: str | None = None, over
     return log
 
 
+def _oom_message(name: str, images, device: str, kind: str, runner, model: str) -> str:
+    size = f", input size {tuple(images[0].GetSize())} (x, y, z)" if images else ""
+    hints = []
+    sw = getattr(getattr(runner, "inferer", None), "sw_batch_size", None)
+    if kind == "bundle" and isinstance(sw, int) and sw > 1:
+        hints.append(f"--sw-batch-size 1 (now {sw} windows per forward pass)")
+    if device == "cuda":
+        hints.append("--device cpu (slower, uses RAM)")
+        hints.append("free the GPU of other jobs")
+    else:
+        hints.append("a machine with more RAM")
+    if kind == "bundle":
+        hints.append(f"a smaller inferer roi_size in {os.path.join(model, 'configs', 'inference.json')} if the "
+                     "network accepts it")
+    where = "GPU memory" if device == "cuda" else "memory"
+    return f"out of {where} while segmenting case {name}{size}; try " + ", or ".join(hints)
+
+
 def cmd_predict(args) -> int:
     try:
         log = predict(args.model, args.input, args.output, device=args.device, overwrite=args.overwrite,
@@ -359,7 +398,8 @@ def cmd_predict(args) -> int:
                       progress=not getattr(args, "quiet", False),
                       output_format=getattr(args, "output_format", "nifti"),
                       seg_coding=getattr(args, "seg_coding", None),
-                      runtime=getattr(args, "runtime", "torch"))
+                      runtime=getattr(args, "runtime", "torch"),
+                      sw_batch_size=getattr(args, "sw_batch_size", None))
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"medmamba predict: error: {exc}", file=sys.stderr)
         return 2

@@ -184,7 +184,20 @@ def shape_problem(img, num_channels: int = 1) -> str | None:
     return None
 
 
-def error_message(exc: BaseException) -> str:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` or an exception in its cause/context chain is an out-of-memory error (CUDA's
+    ``torch.OutOfMemoryError``, a ``RuntimeError`` saying "out of memory", or ``MemoryError``)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
+                or "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
+        seen += 1
+    return False
+
+
+def error_message(exc: BaseException, oom_hint: bool = True) -> str:
     """``Type: message`` of the exception that explains a failure. MONAI wraps a transform's error in
     ``RuntimeError('applying transform <...>')``; the real reason is in the ``__cause__`` chain."""
     chain = [exc]
@@ -198,6 +211,6 @@ def error_message(exc: BaseException) -> str:
     root = useful[0]
     text = str(root).strip().splitlines()
     msg = f"{type(root).__name__}: {text[0] if text else ''}"
-    if isinstance(root, MemoryError) or "out of memory" in str(root).lower():
+    if oom_hint and (isinstance(root, MemoryError) or "out of memory" in str(root).lower()):
         msg += " (out of memory: use --device cpu, a smaller sliding-window batch, or a machine with more memory)"
     return msg

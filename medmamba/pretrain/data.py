@@ -32,6 +32,7 @@ skipped with a warning (a stream raises once every volume has failed).
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import random
 import re
@@ -238,6 +239,42 @@ def damage(item: CTItem) -> str | None:
 # Loading and preprocessing
 # --------------------------------------------------------------------------------------------------
 
+class _DropNvImgCodecNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("nvImageCodec is not available")
+
+
+_NIFTI_LOADER = None
+
+
+def _nifti_loader():
+    """One ``LoadImage(reader="NibabelReader")`` per process, built without MONAI's nvImageCodec notices.
+
+    Why: MONAI (1.6) ``LoadImage.__init__`` instantiates *every* default reader, whatever ``reader`` says,
+    including ``NvImgCodecPydicomReader``; without nvImageCodec/CuPy (any CPU-only or plain-PyTorch machine) that
+    reader logs "nvImageCodec is not available; skipping pydicom decoder plugin registration." and warns
+    "NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register successfully". Built once per volume
+    load, that printed about 100 lines on a real CT run (issue 14). The notice is harmless here: NIfTI is read by
+    nibabel and DICOM by SimpleITK, the nvImageCodec DICOM decoder is never used. So the loader is built once per
+    process (the main one and each data-loader worker), and exactly these two messages are dropped while it is
+    built; everything else MONAI reports still shows."""
+    global _NIFTI_LOADER
+    if _NIFTI_LOADER is None:
+        from monai.transforms import LoadImage
+
+        logger, drop = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin"), _DropNvImgCodecNotice()
+        logger.addFilter(drop)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin "
+                                        "did not register", category=UserWarning)
+                _NIFTI_LOADER = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
+                                          dtype=np.float32)
+        finally:
+            logger.removeFilter(drop)
+    return _NIFTI_LOADER
+
+
 def load_ct(item: CTItem | str):
     """A ``monai.data.MetaTensor`` (1, X, Y, Z) float32 in HU with its RAS affine.
 
@@ -245,13 +282,11 @@ def load_ct(item: CTItem | str):
     (rescale slope/intercept applied), its LPS geometry converted to MONAI's RAS affine.
     """
     from monai.data import MetaTensor
-    from monai.transforms import LoadImage
 
     if isinstance(item, str):
         item = CTItem(item, "nifti")
     if item.kind == "nifti":
-        img = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
-                        dtype=np.float32)(item.path)
+        img = _nifti_loader()(item.path)
         n_bad = int((~torch.isfinite(img)).sum())
         if n_bad:   # discover_ct skips such files; this guards volumes given directly
             raise ValueError(f"{item.describe()}: {n_bad} voxels are NaN or infinite")
