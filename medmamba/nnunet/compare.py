@@ -269,7 +269,7 @@ def _device_name(device: str) -> str:
 
 
 def _plan(out: Path, dataset_id: int, plans_needed: list[str], configuration: str, env: dict, log: Path,
-          processes: int) -> None:
+          processes: int, planner_options: list[str]) -> None:
     from medmamba.nnunet import dataset as nn
     from medmamba.nnunet.presets import write_preset_plans
 
@@ -290,7 +290,8 @@ def _plan(out: Path, dataset_id: int, plans_needed: list[str], configuration: st
         if not plans_file.is_file():
             if plans in _PLANNERS:
                 print(f"[plan] {plans} ({_PLANNERS[plans]}) ...", flush=True)
-                nn.run_nnunet("plan_experiment", ["-d", dataset_id, "-pl", _PLANNERS[plans]], env, log=log)
+                nn.run_nnunet("plan_experiment", ["-d", dataset_id, "-pl", _PLANNERS[plans], *planner_options], env,
+                              log=log)
             else:
                 write_preset_plans(dataset_id, _preset_arch(plans), configurations=[configuration],
                                    preprocessed_dir=pre, output_name=plans)
@@ -324,6 +325,7 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
                 device: str = "cpu", configuration: str = "3d_fullres", fold: str = "0", seed: int = 0,
                 test_cases: int | None = None, mirroring: bool = True, da_workers: int | None = None,
                 final_validation: bool = True, overwrite: bool = False, processes: int = 2,
+                target_spacing: list[float] | None = None, gpu_memory_target: float | None = None,
                 command: str | None = None, epoch_lines: bool = True) -> dict:
     """Run (or resume) a comparison; returns the report document (see :mod:`medmamba.nnunet.compare_report`).
     Raises :class:`CompareError` for bad arguments or data; failing contenders are reported, not raised."""
@@ -349,7 +351,18 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
     settings = {"dataset": str(Path(dataset).resolve()) if Path(dataset).is_dir() else dataset,
                 "test": str(Path(test).resolve()) if test else None, "budget": asdict(bud), "device": device,
                 "configuration": configuration, "fold": fold_value, "seed": seed, "test_cases": test_cases,
-                "mirroring": mirroring, "da_workers": da_workers, "final_validation": final_validation}
+                "mirroring": mirroring, "da_workers": da_workers, "final_validation": final_validation,
+                "target_spacing": [float(v) for v in target_spacing] if target_spacing else None,
+                "gpu_memory_target": gpu_memory_target}
+    planner_options: list[str] = []
+    if target_spacing:
+        if len(target_spacing) != 3 or any(v <= 0 for v in target_spacing):
+            raise CompareError(f"--target-spacing needs three positive numbers (z y x in mm), got {target_spacing}")
+        planner_options += ["-overwrite_target_spacing", *[str(float(v)) for v in target_spacing]]
+    if gpu_memory_target is not None:
+        if gpu_memory_target <= 0:
+            raise CompareError(f"--gpu-memory-target must be positive, got {gpu_memory_target}")
+        planner_options += ["-gpu_memory_target", str(float(gpu_memory_target))]
     settings_file = out_dir / "compare_settings.json"
     if settings_file.is_file() and not overwrite:
         before = json.loads(settings_file.read_text())
@@ -428,7 +441,7 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
     try:
         # nnU-Net's planner sets its thread count from nnUNet_n_proc_DA: it must be at least 1 there
         _plan(out_dir, dataset_id, [c.plans for c in parsed], configuration,
-              {**env, "nnUNet_n_proc_DA": str(max(1, processes))}, log, processes)
+              {**env, "nnUNet_n_proc_DA": str(max(1, processes))}, log, processes, planner_options)
     except Exception as exc:
         if isinstance(exc, nn.NnUNetCommandError):
             raise CompareError(f"planning/preprocessing failed: {_error_line(exc)} (log: {log})") from None
@@ -506,6 +519,9 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
     if bud.time_limit:
         caveats.append("A wall-clock budget favours fast networks: each contender stops at the limit with its "
                        "learning-rate schedule unfinished if it is slower than the epoch budget.")
+    if planner_options:
+        caveats.append("Every planner ran with " + " ".join(planner_options) + " (the same for all contenders): "
+                       "patch sizes and networks differ from nnU-Net's defaults for this dataset.")
     if n_test < 6:
         caveats.append(f"Only {n_test} test cases: a two-sided Wilcoxon test needs at least 6 pairs to reach p < 0.05.")
     elif n_test < 20:
@@ -570,6 +586,11 @@ def add_parser(sub) -> None:
                    help="nnUNet_n_proc_DA for training (default: 0 on CPU, so batches are seeded; nnU-Net's on CUDA)")
     p.add_argument("--no-fold-validation", action="store_true",
                    help="skip nnU-Net's final validation of the fold after training")
+    p.add_argument("--target-spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="plan every contender at this spacing (nnU-Net's -overwrite_target_spacing, 3d_fullres): "
+                        "e.g. a coarser grid for a CPU comparison; the report says so")
+    p.add_argument("--gpu-memory-target", type=float, default=None, metavar="GB",
+                   help="nnU-Net's -gpu_memory_target for every planner (smaller patches and batches)")
     p.add_argument("-np", "--processes", type=int, default=2, help="processes for planning/preprocessing")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -583,7 +604,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           device=args.device, configuration=args.configuration, fold=args.fold, seed=args.seed,
                           test_cases=args.test_cases, mirroring=not args.no_tta, da_workers=args.da_workers,
                           final_validation=not args.no_fold_validation, overwrite=args.overwrite,
-                          processes=args.processes, command=command, epoch_lines=not args.quiet)
+                          processes=args.processes, target_spacing=args.target_spacing,
+                          gpu_memory_target=args.gpu_memory_target, command=command, epoch_lines=not args.quiet)
     except (CompareError, FileExistsError, FileNotFoundError) as exc:
         print(f"medmamba compare: {exc}", file=sys.stderr)
         return 2
