@@ -100,8 +100,9 @@ def run_training_budgeted(trainer, time_limit: float | None = None, mirroring: b
             val = [trainer.validation_step(next(trainer.dataloader_val))
                    for _ in range(trainer.num_val_iterations_per_epoch)]
             trainer.on_validation_epoch_end(val)
-        trainer.on_epoch_end()
+        trainer.on_epoch_end()   # writes checkpoint_latest.pth (save_every = 1)
         used += time.perf_counter() - t0
+        print(f"medmamba compare: epoch {trainer.current_epoch} saved", flush=True)
     trainer.on_train_end()
     return {"stopped_by_time_limit": stopped, "epochs_done": int(trainer.current_epoch)}
 
