@@ -206,6 +206,7 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str], *, log: str | os.Pat
                 del lines[:-200]
                 if logf:
                     logf.write(line)
+                    logf.flush()   # `tail -f` on the log follows the run
                 if echo:
                     sys.stdout.write(line)
                 if on_line is not None:
