@@ -190,3 +190,18 @@ def test_bad_inputs_and_arguments():
         VMUNetMHS(1, 2, 2, dims=(8, 16, 32), depths=(1, 1))
     with pytest.raises(ValueError, match="out_channels"):
         VMUNetMHS(in_channels=1, spatial_dims=2)
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (1, 3, 32, 32)), (3, (1, 1, 16, 16, 16))])
+def test_plain_vm_unet_ss2d_mixer(spatial_dims, shape):
+    """mixer='ss2d': VM-UNet's own VSS blocks (SS2D / SS3D cross-scan, the layer Swin-UMamba uses)."""
+    from medmamba.layers.cross_scan import CrossScan
+    torch.manual_seed(0)
+    net = VMUNetMHS(shape[1], 2, spatial_dims, mixer="ss2d", **SMALL3)
+    mixers = [m for m in net.modules() if isinstance(m, (CrossScan, MHSMixer))]
+    assert mixers and all(isinstance(m, CrossScan) for m in mixers)
+    assert mixers[0].d_inner == 2 * 8 and len(mixers[0].routes) == (4 if spatial_dims == 2 else 6)
+    y = net(torch.randn(shape))
+    assert y.shape == (1, 2, *shape[2:]) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="mixer must be"):
+        VMUNetMHS(1, 2, 2, mixer="attention", **SMALL3)
