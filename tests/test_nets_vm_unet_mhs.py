@@ -205,3 +205,17 @@ def test_plain_vm_unet_ss2d_mixer(spatial_dims, shape):
     assert y.shape == (1, 2, *shape[2:]) and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="mixer must be"):
         VMUNetMHS(1, 2, 2, mixer="attention", **SMALL3)
+
+
+def test_nnunet_plans_build_plain_vm_unet():
+    """nnU-Net plans with arch_kwargs mixer 'ss2d' build the network whose state dict `medmamba weights import
+    --from vm_unet` writes (net_kwargs with mixer 'ss2d'): a VMUNetMHS(mixer='ss2d') state dict loads strictly."""
+    from medmamba.layers.cross_scan import CrossScan
+    strides = [[1, 1], [4, 4], [2, 2]]
+    kw = {"dims": (8, 16), "depths": (1, 1), "decoder_depths": (1, 1), "mixer": "ss2d"}
+    net = get_network_from_plans(CLASS, plans_kwargs(2, strides, **kw), REQ_IMPORT, 3, 2, allow_init=True,
+                                 deep_supervision=False)
+    assert isinstance(net.encoder.stages[0]["blocks"][0].mixer, CrossScan)
+    torch.manual_seed(1)
+    other = VMUNetMHS(3, 2, 2, **kw)
+    net.load_state_dict(other.state_dict(), strict=True)

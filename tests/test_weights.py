@@ -1081,6 +1081,11 @@ def test_vm_unet_load_from_vmamba_imagenet_layout():
     for k in ("decoder.stages.1.upsample.expand.weight", "decoder.final_expand.expand.weight", "decoder.seg_layers.0.weight"):
         assert torch.equal(mine[k], seeded[k]), k
     assert any("layers.0.blocks.2" in n and "head.weight" in n for n in conv.notes)
+    c3 = convert("vm_unet", {"model": sd}, "vm_unet_mhs", spatial_dims=3, net_kwargs=kw, seed=3, out_channels=4)
+    nets.create("vm_unet_mhs", 3, 4, 3, **c3.net_kwargs).load_state_dict(c3.state_dict, strict=True)
+    torch.manual_seed(3)
+    seeded3 = nets.create("vm_unet_mhs", 3, 4, 3, **c3.net_kwargs).state_dict()
+    assert torch.equal(c3.state_dict["decoder.final_expand.expand.weight"], seeded3["decoder.final_expand.expand.weight"])
     with pytest.raises(CheckpointError, match="need 4 stages"):
         convert("vm_unet", {"model": sd}, "vm_unet_mhs")
 
