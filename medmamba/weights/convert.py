@@ -1052,27 +1052,24 @@ def _from_vm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflat
         kw["mixer"] = "ss2d"
         mapped, origin, skipped = _vm_unet_load_from(sd, kw["depths"], kw["decoder_depths"])
         out_ch = out_channels
-        fresh = ("decoder.stages.", "decoder.final_expand.", "decoder.seg_layers.")
-        placed_dec = {k for k in mapped if k.startswith("decoder.")}
         notes.append(f"VMamba ImageNet weights loaded as VM-UNet's VMUNet.load_from does: encoder (patch embedding, "
                      f"blocks.j < depths {kw['depths']}, merging) and decoder VSS blocks from ImageNet layers "
                      f"n-1-i; {len(skipped)} ImageNet tensors skipped ({_fmt(_group_blocks(skipped))}); the patch expansions, final "
                      f"expansion and head keep their seeded initialisation (seed {seed})")
     else:
         _require(sd, ["final_conv.weight", "final_up.expand.weight"], "vm_unet", "VM-UNet (VMUNet.vmunet VSSM)", name)
-        d2, depths, dec = _vm_unet_dims(sd)
+        _, depths, dec = _vm_unet_dims(sd)
         kw.update(depths=depths, decoder_depths=dec)
         kw.update(net_kwargs)
         kw["mixer"] = "ss2d"
         mapped, origin = _map_keys(sd, vm_unet_key, name, arch)
         out_ch = int(sd["final_conv.weight"].shape[0])
-        fresh, placed_dec = (), set()
     make = _net_maker(arch, in_ch, out_ch, kw, seed, name)
-    ds = _ds_heads(make(2))
-    if imagenet:
-        # only the decoder tensors load_from does not fill are fresh
-        net2 = make(2)
-        fresh = tuple(k for k in net2.state_dict() if k.startswith(fresh) and k not in placed_dec)
+    net2 = make(2)
+    ds = _ds_heads(net2)
+    fresh = ()
+    if imagenet:  # the decoder tensors load_from does not fill keep the seeded initialisation
+        fresh = tuple(k for k in net2.state_dict() if k.startswith("decoder.") and k not in mapped)
     state, notes3 = _convert_2d_then_inflate(make, mapped, origin, name, "vm_unet", arch, spatial_dims, inflate,
                                              fresh2d=ds + tuple(fresh), official=vm_unet_official_key)
     notes = notes3 + notes + [f"decoder.seg_layers.1..: our deep-supervision heads keep their seeded initialisation "
