@@ -190,3 +190,32 @@ def test_bad_inputs_and_arguments():
         VMUNetMHS(1, 2, 2, dims=(8, 16, 32), depths=(1, 1))
     with pytest.raises(ValueError, match="out_channels"):
         VMUNetMHS(in_channels=1, spatial_dims=2)
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (1, 3, 32, 32)), (3, (1, 1, 16, 16, 16))])
+def test_plain_vm_unet_ss2d_mixer(spatial_dims, shape):
+    """mixer='ss2d': VM-UNet's own VSS blocks (SS2D / SS3D cross-scan, the layer Swin-UMamba uses)."""
+    from medmamba.layers.cross_scan import CrossScan
+    torch.manual_seed(0)
+    net = VMUNetMHS(shape[1], 2, spatial_dims, mixer="ss2d", **SMALL3)
+    mixers = [m for m in net.modules() if isinstance(m, (CrossScan, MHSMixer))]
+    assert mixers and all(isinstance(m, CrossScan) for m in mixers)
+    assert mixers[0].d_inner == 2 * 8 and len(mixers[0].routes) == (4 if spatial_dims == 2 else 6)
+    y = net(torch.randn(shape))
+    assert y.shape == (1, 2, *shape[2:]) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="mixer must be"):
+        VMUNetMHS(1, 2, 2, mixer="attention", **SMALL3)
+
+
+def test_nnunet_plans_build_plain_vm_unet():
+    """nnU-Net plans with arch_kwargs mixer 'ss2d' build the network whose state dict `medmamba weights import
+    --from vm_unet` writes (net_kwargs with mixer 'ss2d'): a VMUNetMHS(mixer='ss2d') state dict loads strictly."""
+    from medmamba.layers.cross_scan import CrossScan
+    strides = [[1, 1], [4, 4], [2, 2]]
+    kw = {"dims": (8, 16), "depths": (1, 1), "decoder_depths": (1, 1), "mixer": "ss2d"}
+    net = get_network_from_plans(CLASS, plans_kwargs(2, strides, **kw), REQ_IMPORT, 3, 2, allow_init=True,
+                                 deep_supervision=False)
+    assert isinstance(net.encoder.stages[0]["blocks"][0].mixer, CrossScan)
+    torch.manual_seed(1)
+    other = VMUNetMHS(3, 2, 2, **kw)
+    net.load_state_dict(other.state_dict(), strict=True)

@@ -646,8 +646,8 @@ def test_msvm_unet_converter_errors():
     extra = dict(sd, **{"encoder.layers.0.blocks.0.op.x_proj_bias": torch.zeros(4, 3)})
     with pytest.raises(CheckpointError, match=r"no counterpart in msvm_unet: encoder\.layers\.0\.blocks\.0\.op\.x_proj_bias"):
         convert("msvm_unet", extra, "msvm_unet")
-    with pytest.raises(CheckpointError, match="2D only"):
-        convert("msvm_unet", sd, "msvm_unet", spatial_dims=3)
+    with pytest.raises(CheckpointError, match="inflate must be"):
+        convert("msvm_unet", sd, "msvm_unet", spatial_dims=3, inflate="nearest")
     with pytest.raises(CheckpointError, match="encoder.layer0.0.weight"):
         convert("msvm_unet", {"model": {"layers.0.weight": torch.zeros(1)}}, "msvm_unet")
 
@@ -815,11 +815,9 @@ def test_mhs_vm_and_vm_unet_errors():
     # MHS-VM's latest.pth: {'epoch', ..., 'model_state_dict': VMUNet.state_dict(), 'optimizer_state_dict', ...}
     conv = convert("mhs_vm", {"epoch": 3, "model_state_dict": sd, "optimizer_state_dict": {}}, "vm_unet_mhs")
     assert conv.net_kwargs["num_heads"] == 3
-    # a VM-UNet (SS2D) checkpoint: refused, naming the SS2D tensors
+    # a VM-UNet (SS2D) checkpoint given as MHS-VM, and the reverse
     vm = {"vmunet.patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "vmunet.layers.0.blocks.0.ln_1.weight": torch.ones(8)}
     vm.update({f"vmunet.{k}": torch.zeros(s) for k, s in _vss_keys("layers.0.blocks.0", 8).items()})
-    with pytest.raises(CheckpointError, match=r"SS2D.*layers\.0\.blocks\.0\.self_attention\.A_logs"):
-        convert("vm_unet", {"model": vm}, "vm_unet_mhs")
     with pytest.raises(CheckpointError, match="use --from vm_unet"):
         convert("mhs_vm", {"model": vm}, "vm_unet_mhs")
     with pytest.raises(CheckpointError, match="use --from mhs_vm"):
@@ -852,6 +850,13 @@ def test_cli_import_new_sources(tmp_path):
     assert meta["arch"] == "vm_unet_mhs" and meta["net_kwargs"]["num_heads"] == 4
     r = _cli("--from", "vm_unet", str(ck), "--arch", "vm_unet_mhs", str(tmp_path / "x.pth"))
     assert r.returncode == 2 and "use --from mhs_vm" in r.stderr and "Traceback" not in r.stderr
+    ck2 = tmp_path / "vmunet.pth"
+    torch.save({"model_state_dict": _official_state2(official_vm_unet_keys(3, 2, [8, 16], [1, 1], [1, 1]), g)}, ck2)
+    r = _cli("--from", "vm_unet", str(ck2), "--arch", "vm_unet_mhs", "--spatial-dims", "3", str(tmp_path / "v3.pth"))
+    assert r.returncode == 0, r.stderr
+    assert "inflation" in r.stdout
+    meta = torch.load(tmp_path / "v3.pth", weights_only=False)["medmamba_weights"]
+    assert meta["net_kwargs"]["mixer"] == "ss2d" and meta["spatial_dims"] == 3
     r = _cli("--from", "mambamim", str(ck), "--arch", "umamba_bot", str(tmp_path / "y.pth"))
     assert r.returncode == 2 and "not a MambaMIM" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
@@ -952,3 +957,335 @@ def test_msvm_unet_whole_network_matches_official_forward():
     img = torch.randn(1, 3, 32, 32, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(net(img), official_msvm_unet_forward(img, sd, depths, dec), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# VM-UNet (JCruan519/VM-UNet models/vmunet/vmunet.py, vmamba.py @ 032efd7fa7adf3af0ca33d51394b897e8ae5b371):
+# VMUNet.vmunet = VSSM; VSSBlock = ln_1 + SS2D 'self_attention' (in_proj C -> 4C, conv2d depthwise 3x3 with bias,
+# x_proj_weight (4, R + 2N, 2C), dt_projs_weight (4, 2C, R), dt_projs_bias (4, 2C), A_logs (8C, N), Ds (8C),
+# out_norm LN(2C), out_proj 2C -> C); layers.i.downsample = PatchMerging2D; layers_up.i.upsample = PatchExpand2D
+# (Linear 2c -> 4c for dim c, LN(c)); final_up = Final_PatchExpand2D (Linear C -> 4C, LN(C/4)); final_conv 1x1.
+# ------------------------------------------------------------------------------------------------
+
+def official_vm_unet_keys(cin, classes, dims, depths, dec_depths, prefix="vmunet."):
+    keys = {"patch_embed.proj.weight": (dims[0], cin, 4, 4), "patch_embed.proj.bias": (dims[0],),
+            "patch_embed.norm.weight": (dims[0],), "patch_embed.norm.bias": (dims[0],)}
+    for i, (c, d) in enumerate(zip(dims, depths)):
+        for j in range(d):
+            keys.update(_vss_keys(f"layers.{i}.blocks.{j}", c))
+        if i < len(dims) - 1:
+            keys.update({f"layers.{i}.downsample.reduction.weight": (2 * c, 4 * c),
+                         f"layers.{i}.downsample.norm.weight": (4 * c,), f"layers.{i}.downsample.norm.bias": (4 * c,)})
+    for i, (c, d) in enumerate(zip(dims[::-1], dec_depths)):
+        if i > 0:
+            keys.update({f"layers_up.{i}.upsample.expand.weight": (4 * c, 2 * c),
+                         f"layers_up.{i}.upsample.norm.weight": (c,), f"layers_up.{i}.upsample.norm.bias": (c,)})
+        for j in range(d):
+            keys.update(_vss_keys(f"layers_up.{i}.blocks.{j}", c))
+    keys.update({"final_up.expand.weight": (4 * dims[0], dims[0]), "final_up.norm.weight": (dims[0] // 4,),
+                 "final_up.norm.bias": (dims[0] // 4,), "final_conv.weight": (classes, dims[0] // 4, 1, 1),
+                 "final_conv.bias": (classes,)})
+    return {prefix + k: v for k, v in keys.items()}
+
+
+def official_ss2d_vss_block(x, sd, p):
+    """VM-UNet / VMamba v0 VSSBlock (channels-last): x + SS2D(ln_1 x), SS2D forward_corev0, eval mode."""
+    a = f"{p}.self_attention"
+    c = x.shape[-1]
+    h = F.layer_norm(x, (c,), sd[f"{p}.ln_1.weight"], sd[f"{p}.ln_1.bias"])
+    u, z = (h @ sd[f"{a}.in_proj.weight"].t()).chunk(2, -1)
+    u = F.silu(F.conv2d(u.permute(0, 3, 1, 2), sd[f"{a}.conv2d.weight"], sd[f"{a}.conv2d.bias"], padding=1,
+                        groups=u.shape[-1]))
+    y = _official_cross_scan_2d(u, sd[f"{a}.x_proj_weight"], sd[f"{a}.dt_projs_weight"], sd[f"{a}.dt_projs_bias"],
+                                sd[f"{a}.A_logs"], sd[f"{a}.Ds"]).permute(0, 2, 3, 1)
+    y = F.layer_norm(y, (y.shape[-1],), sd[f"{a}.out_norm.weight"], sd[f"{a}.out_norm.bias"]) * F.silu(z)
+    return x + y @ sd[f"{a}.out_proj.weight"].t()
+
+
+def official_vm_unet_forward(img, sd, depths, dec_depths):
+    """VSSM.forward of VM-UNet (forward_features, forward_features_up, forward_final), eval mode, logits."""
+    v = lambda k: sd[f"vmunet.{k}"]
+    ln = lambda t_, q: F.layer_norm(t_, (t_.shape[-1],), v(f"{q}.weight"), v(f"{q}.bias"))
+    x = ln(F.conv2d(img, v("patch_embed.proj.weight"), v("patch_embed.proj.bias"), stride=4).permute(0, 2, 3, 1),
+           "patch_embed.norm")
+    skips = []
+    for i, d in enumerate(depths):
+        skips.append(x)
+        for j in range(d):
+            x = official_ss2d_vss_block(x, sd, f"vmunet.layers.{i}.blocks.{j}")
+        if i < len(depths) - 1:
+            x = official_patch_merging_2d(x, v(f"layers.{i}.downsample.norm.weight"), v(f"layers.{i}.downsample.norm.bias"),
+                                          v(f"layers.{i}.downsample.reduction.weight"))
+    for i, d in enumerate(dec_depths):
+        if i > 0:
+            x = x + skips[-i]
+            x = ln(_sub_pixel_last(x @ v(f"layers_up.{i}.upsample.expand.weight").t(), 2), f"layers_up.{i}.upsample.norm")
+        for j in range(d):
+            x = official_ss2d_vss_block(x, sd, f"vmunet.layers_up.{i}.blocks.{j}")
+    x = ln(_sub_pixel_last(x @ v("final_up.expand.weight").t(), 4), "final_up.norm")
+    return F.conv2d(x.permute(0, 3, 1, 2), v("final_conv.weight"), v("final_conv.bias"))
+
+
+def test_vm_unet_checkpoint_converts_and_matches_official_forward():
+    g = torch.Generator().manual_seed(17)
+    dims, depths, dec = [8, 16, 32], [1, 2, 1], [1, 1, 2]
+    sd = _official_state2(official_vm_unet_keys(3, 2, dims, depths, dec), g)
+    conv = convert("vm_unet", {"model_state_dict": sd}, "vm_unet_mhs", net_kwargs={"drop_path_rate": 0.0})
+    assert conv.net_kwargs["mixer"] == "ss2d" and conv.net_kwargs["dims"] == dims
+    assert conv.net_kwargs["depths"] == depths and conv.net_kwargs["decoder_depths"] == dec
+    net = nets.create("vm_unet_mhs", 3, 2, 2, **conv.net_kwargs).eval()
+    net.load_state_dict(conv.state_dict, strict=True)
+    mine = net.state_dict()
+    # every official tensor placed once; ours has only the deep-supervision heads on top
+    assert len([k for k in mine if not k.startswith("decoder.seg_layers.") or k.startswith("decoder.seg_layers.0.")]) == len(sd)
+    for ours, off in [("encoder.stages.1.blocks.1.mixer.x_proj_weight", "layers.1.blocks.1.self_attention.x_proj_weight"),
+                      ("encoder.stages.1.blocks.1.mixer.conv.bias", "layers.1.blocks.1.self_attention.conv2d.bias"),
+                      ("encoder.stages.1.blocks.1.norm.weight", "layers.1.blocks.1.ln_1.weight"),
+                      ("decoder.stages.2.blocks.1.mixer.out_proj.weight", "layers_up.2.blocks.1.self_attention.out_proj.weight"),
+                      ("decoder.stages.2.upsample.expand.weight", "layers_up.2.upsample.expand.weight"),
+                      ("encoder.stages.1.downsample.reduction.weight", "layers.1.downsample.reduction.weight"),
+                      ("decoder.final_expand.norm.bias", "final_up.norm.bias"), ("decoder.seg_layers.0.bias", "final_conv.bias")]:
+        assert torch.equal(mine[ours], sd[f"vmunet.{off}"]), ours
+    img = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        x = torch.randn(1, 4, 4, 16, generator=g)
+        torch.testing.assert_close(net.encoder.stages[1]["blocks"][0](x),
+                                   official_ss2d_vss_block(x, sd, "vmunet.layers.1.blocks.0"), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(net(img), official_vm_unet_forward(img, sd, depths, dec), rtol=1e-4, atol=1e-4)
+    # the default (MHS) network is another one: mixer must be ss2d
+    with pytest.raises(CheckpointError, match="mixer='ss2d'"):
+        convert("vm_unet", sd, "vm_unet_mhs", net_kwargs={"mixer": "mhs"})
+    gone = {k: v for k, v in sd.items() if k != "vmunet.layers_up.1.blocks.0.self_attention.Ds"}
+    with pytest.raises(CheckpointError, match=r"Missing in the checkpoint \(1\): layers_up\.1\.blocks\.0\.self_attention\.Ds"):
+        convert("vm_unet", gone, "vm_unet_mhs")
+
+
+def test_vm_unet_load_from_vmamba_imagenet_layout():
+    """VMUNet.load_from: ImageNet 'model' keys -> encoder (blocks j < depth) and layers.k -> layers_up.(n-1-k)."""
+    g = torch.Generator().manual_seed(18)
+    sd = _official_state2(official_vmamba_imagenet_keys([8, 16], [3, 3]), g)
+    kw = {"depths": [2, 2], "decoder_depths": [2, 1], "drop_path_rate": 0.0}
+    conv = convert("vm_unet", {"model": sd}, "vm_unet_mhs", net_kwargs=kw, seed=3, out_channels=4)
+    net = nets.create("vm_unet_mhs", 3, 4, 2, **conv.net_kwargs)
+    net.load_state_dict(conv.state_dict, strict=True)
+    mine = net.state_dict()
+    for ours, off in [("encoder.stages.0.blocks.1.mixer.A_logs", "layers.0.blocks.1.self_attention.A_logs"),
+                      ("encoder.stages.1.blocks.0.norm.bias", "layers.1.blocks.0.ln_1.bias"),
+                      ("encoder.stages.0.downsample.norm.weight", "layers.0.downsample.norm.weight"),
+                      ("encoder.patch_embed.proj.weight", "patch_embed.proj.weight"),
+                      ("decoder.stages.0.blocks.1.mixer.x_proj_weight", "layers.1.blocks.1.self_attention.x_proj_weight"),
+                      ("decoder.stages.1.blocks.0.mixer.in_proj.weight", "layers.0.blocks.0.self_attention.in_proj.weight")]:
+        assert torch.equal(mine[ours], sd[off]), ours
+    torch.manual_seed(3)
+    seeded = nets.create("vm_unet_mhs", 3, 4, 2, **conv.net_kwargs).state_dict()
+    for k in ("decoder.stages.1.upsample.expand.weight", "decoder.final_expand.expand.weight", "decoder.seg_layers.0.weight"):
+        assert torch.equal(mine[k], seeded[k]), k
+    assert any("layers.0.blocks.2" in n and "head.weight" in n for n in conv.notes)
+    c3 = convert("vm_unet", {"model": sd}, "vm_unet_mhs", spatial_dims=3, net_kwargs=kw, seed=3, out_channels=4)
+    nets.create("vm_unet_mhs", 3, 4, 3, **c3.net_kwargs).load_state_dict(c3.state_dict, strict=True)
+    torch.manual_seed(3)
+    seeded3 = nets.create("vm_unet_mhs", 3, 4, 3, **c3.net_kwargs).state_dict()
+    assert torch.equal(c3.state_dict["decoder.final_expand.expand.weight"], seeded3["decoder.final_expand.expand.weight"])
+    with pytest.raises(CheckpointError, match="need 4 stages"):
+        convert("vm_unet", {"model": sd}, "vm_unet_mhs")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2D -> 3D inflation of the 2D-only networks (VM-UNet, VM-UNet-MHS, MSVM-UNet)
+# ------------------------------------------------------------------------------------------------
+
+def test_vm_unet_3d_inflation_follows_the_rules():
+    g = torch.Generator().manual_seed(19)
+    dims, depths, dec = [8, 16], [1, 1], [1, 1]
+    sd = _official_state2(official_vm_unet_keys(1, 2, dims, depths, dec), g)
+    kw = {"drop_path_rate": 0.0}
+    c2 = convert("vm_unet", sd, "vm_unet_mhs", net_kwargs=kw).state_dict
+    c3 = convert("vm_unet", sd, "vm_unet_mhs", spatial_dims=3, net_kwargs=kw, inflate="centre")
+    net = nets.create("vm_unet_mhs", 1, 2, 3, **c3.net_kwargs)
+    net.load_state_dict(c3.state_dict, strict=True)
+    s3 = c3.state_dict
+    # patch embedding (kernel = stride) averaged over depth; depthwise 3x3 centred (inflate='centre')
+    torch.testing.assert_close(s3["encoder.patch_embed.proj.weight"],
+                               c2["encoder.patch_embed.proj.weight"].unsqueeze(2).repeat(1, 1, 4, 1, 1) / 4)
+    w = s3["encoder.stages.0.blocks.0.mixer.conv.weight"]
+    assert torch.equal(w[:, :, 1], c2["encoder.stages.0.blocks.0.mixer.conv.weight"]) and not w[:, :, 0].any()
+    # 6 routes from 4: (row, col, col, row-rev, col-rev, col-rev)
+    xw = s3["decoder.stages.1.blocks.0.mixer.x_proj_weight"]
+    xw2 = c2["decoder.stages.1.blocks.0.mixer.x_proj_weight"]
+    assert [torch.equal(xw[i], xw2[j]) for i, j in enumerate((0, 1, 1, 2, 3, 3))] == [True] * 6
+    # sub-pixel expansions: 2D rows repeated once per depth offset (r0 slowest)
+    e2, e3 = c2["decoder.stages.1.upsample.expand.weight"], s3["decoder.stages.1.upsample.expand.weight"]
+    assert e3.shape == (2 * e2.shape[0], e2.shape[1]) and torch.equal(e3, torch.cat([e2, e2]))
+    f2, f3 = c2["decoder.final_expand.expand.weight"], s3["decoder.final_expand.expand.weight"]
+    assert torch.equal(f3, torch.cat([f2] * 4))
+    # a depth-constant input expands exactly as in 2D, slice by slice
+    x2 = torch.randn(1, 3, 3, 16, generator=g)
+    x3 = x2.unsqueeze(1).expand(1, 2, 3, 3, 16)
+    with torch.no_grad():
+        y2 = nets.create("vm_unet_mhs", 1, 2, 2, **c3.net_kwargs).decoder.stages[1]["upsample"]
+        y2.load_state_dict({k[len("decoder.stages.1.upsample."):]: v for k, v in c2.items()
+                            if k.startswith("decoder.stages.1.upsample.")})
+        out3 = net.decoder.stages[1]["upsample"](x3)
+        for d in range(4):
+            torch.testing.assert_close(out3[:, d], y2(x2))
+    assert net(torch.randn(1, 1, 32, 32, 32, generator=g)).shape == (1, 2, 32, 32, 32)
+
+
+def test_mhs_vm_3d_inflation_loads_strictly():
+    g = torch.Generator().manual_seed(20)
+    sd = _mhs_state(official_mhs_vm_keys(3, 2, [24, 48], [1, 1], [1, 1], 4), g)
+    c2 = convert("mhs_vm", sd, "vm_unet_mhs", net_kwargs={"drop_path_rate": 0.0}).state_dict
+    c3 = convert("mhs_vm", sd, "vm_unet_mhs", spatial_dims=3, net_kwargs={"drop_path_rate": 0.0})
+    assert c3.spatial_dims == 3 and any("inflation" in n for n in c3.notes)
+    net = nets.create("vm_unet_mhs", 3, 2, 3, **c3.net_kwargs)
+    net.load_state_dict(c3.state_dict, strict=True)
+    for k in ("encoder.stages.1.blocks.0.mixer.mhs.x_proj_weight", "encoder.stages.1.blocks.0.mixer.mhs.A_logs",
+              "decoder.stages.0.blocks.0.mixer.mhs.in_proj.weight"):
+        assert torch.equal(c3.state_dict[k], c2[k]), k  # Multi-Head Scan parameters copied head by head
+    torch.testing.assert_close(c3.state_dict["encoder.stages.0.blocks.0.mixer.conv.weight"],
+                               c2["encoder.stages.0.blocks.0.mixer.conv.weight"].unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)
+    r2, r3 = c2["encoder.stages.0.downsample.reduction.weight"], c3.state_dict["encoder.stages.0.downsample.reduction.weight"]
+    assert torch.equal(r3, r2.view(48, 4, 24).repeat_interleave(2, dim=1).reshape(48, 192) / 2)
+
+
+def test_msvm_unet_3d_inflation_encoder_and_up_blocks():
+    g = torch.Generator().manual_seed(21)
+    dims, depths, dec = [8, 16], [1, 1], [1]
+    sd = _official_state2(official_msvm_unet_keys(3, 2, dims, depths, dec), g)
+    c2 = convert("msvm_unet", sd, "msvm_unet", net_kwargs={"drop_path_rate": 0.0}).state_dict
+    c3 = convert("msvm_unet", sd, "msvm_unet", spatial_dims=3, net_kwargs={"drop_path_rate": 0.0}, seed=5)
+    net = nets.create("msvm_unet", 3, 2, 3, **c3.net_kwargs)
+    net.load_state_dict(c3.state_dict, strict=True)
+    s3 = c3.state_dict
+    torch.testing.assert_close(s3["encoder.stem.0.weight"], c2["encoder.stem.0.weight"].unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)
+    assert s3["encoder.stages.0.0.mixer.A_logs"].shape[0] == 6 * 8
+    # LKPE (1x1 conv, BatchNorm, depthwise): per output channel, rows repeated per depth offset
+    for k in ("decoder.up_blocks.0.up.expand.0.bias", "decoder.up_blocks.0.up.expand.1.running_var"):
+        assert torch.equal(s3[k], torch.cat([c2[k], c2[k]])), k
+    assert torch.equal(s3["decoder.up_blocks.0.up.expand.0.weight"][..., 0, 0, 0],
+                       torch.cat([c2["decoder.up_blocks.0.up.expand.0.weight"][..., 0, 0]] * 2))
+    # the final FLKPE (one x4 step in 2D, two x2 steps in 3D) keeps the seeded initialisation and is listed
+    torch.manual_seed(5)
+    seeded = nets.create("msvm_unet", 3, 2, 3, **c3.net_kwargs).state_dict()
+    assert all(torch.equal(s3[k], seeded[k]) for k in s3 if k.startswith("decoder.final."))
+    assert any("decoder.final.steps.0.expand.0.weight" in n for n in c3.notes)
+    # a depth-constant input through an inflated LKPE gives the 2D result in every slice
+    x2 = torch.randn(1, 2, 2, 16, generator=g)
+    with torch.no_grad():
+        up2 = nets.create("msvm_unet", 3, 2, 2, **c3.net_kwargs).eval()
+        up2.load_state_dict(c2)
+        net.eval()
+        y3 = net.decoder.up_blocks[0].up(x2.unsqueeze(1).expand(1, 3, 2, 2, 16).contiguous())
+        y2 = up2.decoder.up_blocks[0].up(x2)
+        torch.testing.assert_close(y3[:, 2], y2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Swin-UMamba-D (JiarunLiu/Swin-UMamba swin_umamba/nnunetv2/nets/SwinUMambaD.py @ 2c1f72e1975cef6621f239117efdc954237c6952):
+# vssm_encoder.{patch_embed (4x4), layers.i.blocks.j (VSSBlock ln_1 + SS2D), downsamples.i (PatchMerging2D)};
+# decoder = UNetResDecoder: for step k = 0 .. n-2 (deepest first) expand_layers.k = PatchExpand(dim=below):
+# Linear(below, 2 below), LN(below / 2); concat_back_dim.k = Linear(2 skip, skip); stages.k = VSSLayer(skip,
+# depth 2); seg_layers.k = Conv2d(skip, classes, 1); then expand_layers.(n-1) = FinalPatchExpand_X4(dims[0]):
+# Linear(C, 16 C), LN(C); seg_layers.(n-1) = Conv2d(dims[0], classes, 1). Outputs (DS) [final, seg_layers.n-2, ..., 0].
+# ------------------------------------------------------------------------------------------------
+
+def official_swin_umamba_d_keys(cin, classes, dims, depths, dec_depth=2):
+    keys = {"vssm_encoder.patch_embed.proj.weight": (dims[0], cin, 4, 4), "vssm_encoder.patch_embed.proj.bias": (dims[0],),
+            "vssm_encoder.patch_embed.norm.weight": (dims[0],), "vssm_encoder.patch_embed.norm.bias": (dims[0],)}
+    for i, (c, d) in enumerate(zip(dims, depths)):
+        for j in range(d):
+            keys.update(_vss_keys(f"vssm_encoder.layers.{i}.blocks.{j}", c))
+        if i < len(dims) - 1:
+            keys.update({f"vssm_encoder.downsamples.{i}.reduction.weight": (2 * c, 4 * c),
+                         f"vssm_encoder.downsamples.{i}.norm.weight": (4 * c,),
+                         f"vssm_encoder.downsamples.{i}.norm.bias": (4 * c,)})
+    n = len(dims)
+    for k in range(n - 1):
+        below, skip = dims[n - 1 - k], dims[n - 2 - k]
+        keys.update({f"decoder.expand_layers.{k}.expand.weight": (2 * below, below),
+                     f"decoder.expand_layers.{k}.norm.weight": (below // 2,), f"decoder.expand_layers.{k}.norm.bias": (below // 2,),
+                     f"decoder.concat_back_dim.{k}.weight": (skip, 2 * skip), f"decoder.concat_back_dim.{k}.bias": (skip,),
+                     f"decoder.seg_layers.{k}.weight": (classes, skip, 1, 1), f"decoder.seg_layers.{k}.bias": (classes,)})
+        for j in range(dec_depth):
+            keys.update(_vss_keys(f"decoder.stages.{k}.blocks.{j}", skip))
+    keys.update({f"decoder.expand_layers.{n - 1}.expand.weight": (16 * dims[0], dims[0]),
+                 f"decoder.expand_layers.{n - 1}.norm.weight": (dims[0],), f"decoder.expand_layers.{n - 1}.norm.bias": (dims[0],),
+                 f"decoder.seg_layers.{n - 1}.weight": (classes, dims[0], 1, 1), f"decoder.seg_layers.{n - 1}.bias": (classes,)})
+    return keys
+
+
+def official_swin_umamba_d_forward(img, sd, depths, dec_depth=2):
+    """SwinUMambaD.forward (no deep supervision), eval mode: VSSMEncoder then UNetResDecoder, channels-last."""
+    ln = lambda t_, q: F.layer_norm(t_, (t_.shape[-1],), sd[f"{q}.weight"], sd[f"{q}.bias"])
+    x = ln(F.conv2d(img, sd["vssm_encoder.patch_embed.proj.weight"], sd["vssm_encoder.patch_embed.proj.bias"],
+                    stride=4).permute(0, 2, 3, 1), "vssm_encoder.patch_embed.norm")
+    skips = [img]
+    for i, d in enumerate(depths):
+        for j in range(d):
+            x = official_ss2d_vss_block(x, sd, f"vssm_encoder.layers.{i}.blocks.{j}")
+        skips.append(x)
+        if i < len(depths) - 1:
+            x = official_patch_merging_2d(x, sd[f"vssm_encoder.downsamples.{i}.norm.weight"],
+                                          sd[f"vssm_encoder.downsamples.{i}.norm.bias"],
+                                          sd[f"vssm_encoder.downsamples.{i}.reduction.weight"])
+    n = len(depths)
+    x = skips[-1]
+    for k in range(n - 1):
+        x = ln(_sub_pixel_last(x @ sd[f"decoder.expand_layers.{k}.expand.weight"].t(), 2), f"decoder.expand_layers.{k}.norm")
+        x = torch.cat([x, skips[-(k + 2)]], -1) @ sd[f"decoder.concat_back_dim.{k}.weight"].t() + sd[f"decoder.concat_back_dim.{k}.bias"]
+        for j in range(dec_depth):
+            x = official_ss2d_vss_block(x, sd, f"decoder.stages.{k}.blocks.{j}")
+    x = ln(_sub_pixel_last(x @ sd[f"decoder.expand_layers.{n - 1}.expand.weight"].t(), 4), f"decoder.expand_layers.{n - 1}.norm")
+    return F.conv2d(x.permute(0, 3, 1, 2), sd[f"decoder.seg_layers.{n - 1}.weight"], sd[f"decoder.seg_layers.{n - 1}.bias"])
+
+
+def test_swin_umamba_d_checkpoint_converts_and_matches_official_forward():
+    g = torch.Generator().manual_seed(22)
+    dims, depths = [8, 16, 32], [1, 2, 1]
+    sd = _official_state2(official_swin_umamba_d_keys(1, 3, dims, depths), g)
+    conv = convert("swin_umamba", {"network_weights": sd}, "swin_umamba_d", net_kwargs={"drop_path_rate": 0.0})
+    assert conv.net_kwargs["dims"] == dims and conv.net_kwargs["decoder_depth"] == 2
+    net = nets.create("swin_umamba_d", 1, 3, 2, **conv.net_kwargs).eval()
+    net.load_state_dict(conv.state_dict, strict=True)
+    mine = net.state_dict()
+    assert len(mine) == len(sd)
+    for ours, off in [("decoder.expands.1.expand.weight", "decoder.expand_layers.0.expand.weight"),
+                      ("decoder.concat_back.0.bias", "decoder.concat_back_dim.1.bias"),
+                      ("decoder.layers.1.blocks.1.mixer.A_logs", "decoder.stages.0.blocks.1.self_attention.A_logs"),
+                      ("decoder.final_expand.expand.weight", "decoder.expand_layers.2.expand.weight"),
+                      ("decoder.final_head.weight", "decoder.seg_layers.2.weight"),
+                      ("decoder.heads.0.weight", "decoder.seg_layers.1.weight"),  # DS output at H/4
+                      ("decoder.heads.1.bias", "decoder.seg_layers.0.bias")]:  # DS output at H/8
+        assert torch.equal(mine[ours], sd[off]), ours
+    img = torch.randn(1, 1, 32, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(net(img), official_swin_umamba_d_forward(img, sd, depths), rtol=1e-4, atol=1e-4)
+    with pytest.raises(CheckpointError, match="use --arch swin_umamba_d"):
+        convert("swin_umamba", sd, "swin_umamba")
+    # 3D: encoder and decoder inflated; the final x4 expansion (final_dim 8 // 4 in 3D) left seeded, named
+    c3 = convert("swin_umamba", sd, "swin_umamba_d", spatial_dims=3, net_kwargs={"drop_path_rate": 0.0}, seed=2)
+    net3 = nets.create("swin_umamba_d", 1, 3, 3, **c3.net_kwargs)
+    net3.load_state_dict(c3.state_dict, strict=True)
+    assert any("decoder.final_expand.expand.weight" in n for n in c3.notes)
+    assert torch.equal(c3.state_dict["decoder.expands.1.expand.weight"], torch.cat([mine["decoder.expands.1.expand.weight"]] * 2))
+    c3b = convert("swin_umamba", sd, "swin_umamba_d", spatial_dims=3, net_kwargs={"drop_path_rate": 0.0, "final_dim": 8})
+    assert torch.equal(c3b.state_dict["decoder.final_expand.expand.weight"], torch.cat([mine["decoder.final_expand.expand.weight"]] * 4))
+
+
+def test_vmamba_imagenet_weights_into_swin_umamba_d():
+    g = torch.Generator().manual_seed(23)
+    sd = _official_state2(official_vmamba_imagenet_keys([8, 16], [1, 2]), g)
+    kw = {"drop_path_rate": 0.0}
+    conv = convert("vmamba", {"model": sd}, "swin_umamba_d", net_kwargs=kw, in_channels=3, out_channels=2)
+    net = nets.create("swin_umamba_d", 3, 2, 2, **conv.net_kwargs)
+    net.load_state_dict(conv.state_dict, strict=True)
+    mine = net.state_dict()
+    for k in ("patch_embed.proj.weight", "patch_embed.norm.weight", "patch_embed.norm.bias"):
+        assert torch.equal(mine[f"encoder.{k}"], sd[k]), k  # 3 channels: the patch embedding is loaded
+    assert torch.equal(mine["encoder.layers.1.blocks.1.mixer.Ds"], sd["layers.1.blocks.1.self_attention.Ds"])
+    c1 = convert("vmamba", {"model": sd}, "swin_umamba_d", net_kwargs=kw, in_channels=1, seed=4)
+    torch.manual_seed(4)
+    seeded = nets.create("swin_umamba_d", 1, 2, 2, **c1.net_kwargs).state_dict()
+    assert all(torch.equal(c1.state_dict[k], seeded[k]) for k in seeded if k.startswith(("encoder.patch_embed.", "decoder.")))
+    c3 = convert("vmamba", {"model": sd}, "swin_umamba_d", spatial_dims=3, net_kwargs=kw, in_channels=3)
+    nets.create("swin_umamba_d", 3, 2, 3, **c3.net_kwargs).load_state_dict(c3.state_dict, strict=True)

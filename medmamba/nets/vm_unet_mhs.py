@@ -1,7 +1,9 @@
-"""VM-UNet with MHS-VM's Multi-Head Scan mixer (2D as published, and 3D).
+"""VM-UNet with MHS-VM's Multi-Head Scan mixer, or with VM-UNet's own SS2D mixer (2D as published, and 3D).
 
 ``VMUNetMHS`` is VM-UNet (Ruan & Xiang, 2024) whose VSS blocks use MHS-VM's gated Multi-Head Scan mixer
-(``medmamba.layers.multi_head_scan.MHSMixer``) instead of SS2D, as in MHS-VM (Ji, 2024). Also defined here,
+(``medmamba.layers.multi_head_scan.MHSMixer``) instead of SS2D, as in MHS-VM (Ji, 2024);
+``VMUNetMHS(..., mixer="ss2d")`` is the plain VM-UNet (its VSS blocks mix with SS2D / SS3D,
+``medmamba.layers.cross_scan.CrossScan``, the layer Swin-UMamba's blocks use). Also defined here,
 and shared with ``medmamba.nets.msvm_unet``: ``validate_plans_topology`` (nnU-Net plans arguments
 checked against a fixed-topology network), ``native_scales`` and ``trunc_normal_linear_init``.
 """
@@ -13,6 +15,7 @@ import torch
 import torch.nn as nn
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 
+from medmamba.layers.cross_scan import CrossScan
 from medmamba.layers.multi_head_scan import MHSMixer
 from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
 from medmamba.layers.vss import FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSBlock
@@ -225,7 +228,10 @@ class VMUNetMHS(AbstractDynamicNetworkArchitectures):
     expansion to ``dims[0] // 4`` channels + 1x1 conv. The first skip (patch-embedding output) is not
     used, as in VM-UNet. Every VSS block is ``x + DropPath(MHSMixer(LN x))`` (no MLP): in_proj C -> 2C,
     depthwise 3^d conv + SiLU, MultiHeadScan (``num_heads`` heads, ``d_state``, route ``families``,
-    SRA ``threshold``), LN, * SiLU(z). Stochastic depth rises linearly to ``drop_path_rate`` over the
+    SRA ``threshold``), LN, * SiLU(z). With ``mixer="ss2d"`` (plain VM-UNet, JCruan519/VM-UNet) every
+    VSS block is ``x + DropPath(SS2D(LN x))`` instead: ``CrossScan(dim, d_state=d_state)`` (in_proj C ->
+    4C split x, z; depthwise 3^d + SiLU; 4 cross-scan routes in 2D, 6 in 3D; LN(2C); * SiLU(z);
+    out_proj 2C -> C); ``num_heads, families, threshold`` are then unused. Stochastic depth rises linearly to ``drop_path_rate`` over the
     encoder and falls back to 0 over the decoder. Linear layers get truncated-normal(0.02) init.
 
     Total downsampling ``4 * 2^(len(dims) - 1)`` (32 by default): every input size must be divisible by
@@ -234,7 +240,7 @@ class VMUNetMHS(AbstractDynamicNetworkArchitectures):
 
     MONAI-style: ``VMUNetMHS(in_channels, out_channels, spatial_dims=3, dims=..., depths=...,
     decoder_depths=..., num_heads=4, d_state=16, families=None, threshold=0.5, drop_path_rate=0.2,
-    deep_supervision=False)``. nnU-Net-style: ``input_channels, num_classes, deep_supervision`` and the
+    deep_supervision=False, mixer="mhs")``. nnU-Net-style: ``input_channels, num_classes, deep_supervision`` and the
     ``dynamic_network_architectures`` keywords; ``conv_op`` gives the spatial dims, the per-stage lists
     and ``strides`` are validated (:func:`validate_plans_topology`: total stride 32 on every axis; with
     deep supervision, strides [[1]*d, [4]*d, [2]*d, [2]*d, [2]*d]); the widths come from ``dims``, and
@@ -254,7 +260,7 @@ class VMUNetMHS(AbstractDynamicNetworkArchitectures):
                  dims: Sequence[int] = (96, 192, 384, 768), depths: Sequence[int] = (2, 2, 2, 2),
                  decoder_depths: Sequence[int] = (2, 2, 2, 1), num_heads: int = 4, d_state: int = 16,
                  families: Sequence[str] | None = None, threshold: float = 0.5, drop_path_rate: float = 0.2,
-                 deep_supervision: bool = False, scan_backend=None,
+                 deep_supervision: bool = False, scan_backend=None, mixer: str = "mhs",
                  # nnU-Net (dynamic_network_architectures) keywords
                  input_channels: int | None = None, num_classes: int | None = None, n_stages=None,
                  features_per_stage=None, conv_op=None, kernel_sizes=None, strides=None, n_conv_per_stage=None,
@@ -275,7 +281,11 @@ class VMUNetMHS(AbstractDynamicNetworkArchitectures):
                                  f"expanding C -> C/2 meet the skips, which are added), got {dims}")
         if dims[0] % 4:
             raise ValueError(f"{name}: dims[0]={dims[0]} must be divisible by 4 (final x4 expansion to dims[0] // 4)")
-        if any(d < num_heads for d in dims):
+        if mixer not in ("mhs", "ss2d"):
+            raise ValueError(f"{name}: mixer must be 'mhs' (MHS-VM's Multi-Head Scan) or 'ss2d' (VM-UNet's SS2D), "
+                             f"got {mixer!r}")
+        self.mixer = mixer
+        if mixer == "mhs" and any(d < num_heads for d in dims):
             raise ValueError(f"{name}: every stage width must be >= num_heads={num_heads}, got dims {dims}")
         depths = _check_sequence(name, "depths", depths, len(dims))
         decoder_depths = _check_sequence(name, "decoder_depths", decoder_depths, len(dims))
@@ -290,6 +300,8 @@ class VMUNetMHS(AbstractDynamicNetworkArchitectures):
         sd = self.spatial_dims
 
         def mixer_factory(dim, spatial_dims):
+            if mixer == "ss2d":
+                return CrossScan(dim, spatial_dims=spatial_dims, d_state=d_state, scan_backend=scan_backend)
             return MHSMixer(dim, spatial_dims, num_heads=num_heads, d_state=d_state, families=families,
                             threshold=threshold, scan_backend=scan_backend)
 

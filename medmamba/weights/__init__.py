@@ -19,12 +19,15 @@ API:
 
 Sources: ``umamba`` (bowang-lab/U-Mamba nnU-Net fork ``checkpoint_final.pth``: UMambaBot/UMambaEnc 2D
 or 3D), ``lightm_unet`` (MrBlankness/LightM-UNet nnU-Net fork), ``swin_umamba`` (JiarunLiu/Swin-UMamba
-nnU-Net fork), ``vmamba`` (MzeroMiko/VMamba v0 ImageNet ``vssm_tiny``-style ``{"model": ...}``: the
-Swin-UMamba encoder, loaded the way Swin-UMamba's ``load_pretrained_ckpt`` does), ``msvm_unet``
-(gndlwch2w/msvm-unet, 2D), ``mhs_vm`` (PixDeep/MHS-VM ``VMUNet``, 2D: into ``vm_unet_mhs``). ``vm_unet``
-(JCruan519/VM-UNet, SS2D mixers) and ``mambamim`` (FengheTan9/MambaMIM HyMamba) are recognised and
-refused with the keys our networks cannot represent (see ``docs/model_card.md``), never converted
-partially.
+nnU-Net fork: ``SwinUMamba`` into ``swin_umamba``, ``SwinUMambaD`` into ``swin_umamba_d``), ``vmamba``
+(MzeroMiko/VMamba v0 ImageNet ``vssm_tiny``-style ``{"model": ...}``: the Swin-UMamba / Swin-UMamba-D
+encoder, loaded the way their ``load_pretrained_ckpt`` does), ``msvm_unet`` (gndlwch2w/msvm-unet),
+``mhs_vm`` (PixDeep/MHS-VM ``VMUNet``: into ``vm_unet_mhs``), ``vm_unet`` (JCruan519/VM-UNet ``VMUNet``,
+or the VMamba ImageNet weights its ``load_from`` reads: into ``vm_unet_mhs`` with ``mixer="ss2d"``). All
+of these are 2D upstream except U-Mamba / LightM-UNet; ``spatial_dims=3`` inflates the 2D weights into our
+3D variant (:func:`inflate_2d_to_3d`; tensors without a 3D rule keep their seeded initialisation and are
+named in the notes). ``mambamim`` (FengheTan9/MambaMIM HyMamba) is recognised and refused with the keys
+our networks cannot represent (see ``docs/model_card.md``), never converted partially.
 """
 from medmamba.weights.convert import (CheckpointError, Converted, REFUSED, SOURCES, clean_key, convert,
                                       extract_state_dict, inflate_2d_to_3d, load_checkpoint, save)

@@ -19,21 +19,26 @@ def add_parser(sub) -> None:
                     "-pretrained_weights and `medmamba bundle create --checkpoint` read. Exit 2 on an unreadable "
                     "or unfitting checkpoint (one line, naming the file and the keys). Sources -> --arch: "
                     "umamba -> umamba_bot|umamba_enc; lightm_unet -> lightm_unet; swin_umamba, vmamba -> "
-                    "swin_umamba; msvm_unet -> msvm_unet (2D); mhs_vm -> vm_unet_mhs (2D). vm_unet (SS2D "
-                    "mixers) and mambamim (HyMamba) are refused: our networks have no counterpart for their "
-                    "modules, and the error names the keys.")
+                    "swin_umamba|swin_umamba_d (Swin-UMamba-D checkpoints: --from swin_umamba --arch swin_umamba_d); "
+                    "msvm_unet -> msvm_unet; mhs_vm -> vm_unet_mhs; vm_unet -> vm_unet_mhs with mixer 'ss2d' (a "
+                    "trained VMUNet checkpoint, or the VMamba ImageNet weights VM-UNet's load_from reads, mapped as "
+                    "load_from maps them). --spatial-dims 3 on the 2D-only networks (swin_umamba, swin_umamba_d, "
+                    "vmamba, msvm_unet, mhs_vm, vm_unet) inflates the 2D weights (docs/model_card.md); tensors without "
+                    "a 3D rule keep their seeded initialisation and are listed in the notes. mambamim (HyMamba) is "
+                    "refused: our networks have no counterpart for its modules, and the error names the keys.")
     q.add_argument("--from", dest="source", required=True, choices=list(SOURCES), help="whose checkpoint CKPT is (see the description for the --arch each converts to)")
     q.add_argument("ckpt", metavar="CKPT", help="the published checkpoint")
     q.add_argument("--arch", required=True, help="our registry name, e.g. umamba_bot, swin_umamba")
     q.add_argument("out", metavar="OUT", help="output file (.pth)")
     q.add_argument("--spatial-dims", type=int, choices=(2, 3), default=None,
-                   help="3 on a 2D-only network inflates its weights (swin_umamba, vmamba; see "
-                        "docs/model_card.md; msvm_unet and mhs_vm convert to 2D only); default: the checkpoint's")
+                   help="3 on a 2D-only network inflates its weights (swin_umamba, vmamba, msvm_unet, mhs_vm, "
+                        "vm_unet; see docs/model_card.md); default: the checkpoint's")
     q.add_argument("--inflate", choices=("average", "centre"), default="average",
                    help="2D -> 3D rule for odd conv kernels (default average)")
     q.add_argument("--net-kwargs", default="{}", help="JSON keywords for our network (e.g. strides, patch_size)")
-    q.add_argument("--in-channels", type=int, default=1, help="encoder-only sources (vmamba): input channels")
-    q.add_argument("--out-channels", type=int, default=2, help="encoder-only sources (vmamba): classes")
+    q.add_argument("--in-channels", type=int, default=1, help="encoder-only sources (vmamba; vm_unet given VMamba ImageNet weights: from the "
+                        "checkpoint): input channels")
+    q.add_argument("--out-channels", type=int, default=2, help="encoder-only sources (vmamba, and vm_unet given VMamba ImageNet weights): classes")
     q.add_argument("--seed", type=int, default=0, help="seed of the parts the checkpoint does not hold")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.set_defaults(func=cmd_import)

@@ -19,15 +19,15 @@ __all__ = ["CheckpointError", "Converted", "SOURCES", "REFUSED", "convert", "inf
 SOURCES = {
     "umamba": ("umamba_bot", "umamba_enc"),
     "lightm_unet": ("lightm_unet",),
-    "swin_umamba": ("swin_umamba",),
-    "vmamba": ("swin_umamba",),
+    "swin_umamba": ("swin_umamba", "swin_umamba_d"),
+    "vmamba": ("swin_umamba", "swin_umamba_d"),
     "msvm_unet": ("msvm_unet",),
     "vm_unet": ("vm_unet_mhs",),
     "mhs_vm": ("vm_unet_mhs",),
     "mambamim": ("umamba_bot", "umamba_enc", "swin_umamba"),
 }
 #: sources recognised but refused: our networks cannot represent them (see the converter's message)
-REFUSED = ("vm_unet", "mambamim")
+REFUSED = ("mambamim",)
 _MAX_LIST = 12
 
 
@@ -196,6 +196,16 @@ _ROUTES_2D_TO_3D = (0, 1, 1, 2, 3, 3)
 _ROUTE_KEYS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
 
 
+#: sub-pixel expansions whose output channels are laid out (r0, r1[, r2], c), c fastest: VM-UNet / MHS-VM /
+#: Swin-UMamba-D PatchExpand (Linear), MSVM-UNet LKPE (1x1 conv - BN - ReLU - depthwise, all per output channel)
+_SUB_PIXEL = re.compile(r"(\.upsample\.expand\.weight|\.expands\.\d+\.expand\.weight|\.final_expand\.expand\.weight|"
+                        r"\.up\.expand\.\d+\.\w+)$")
+#: patch merging (2^d neighbours concatenated): Swin-UMamba's ``encoder.downsamples.i``, VM-UNet's
+#: ``encoder.stages.i.downsample``
+_MERGE_NORM = re.compile(r"(downsamples\.\d+|stages\.\d+\.downsample)\.norm\.(weight|bias)$")
+_MERGE_RED = re.compile(r"(downsamples\.\d+|stages\.\d+\.downsample)\.reduction\.weight$")
+
+
 def inflate_2d_to_3d(key: str, t: torch.Tensor, shape3d, mode: str = "average") -> torch.Tensor:
     """A 2D tensor of our 2D network -> the tensor of the same key in our 3D network (documented rules).
 
@@ -205,14 +215,20 @@ def inflate_2d_to_3d(key: str, t: torch.Tensor, shape3d, mode: str = "average") 
       average). Non-overlapping patch convs (kernel = stride, ``patch_embed.proj``) are always averaged,
       transposed convs (``transp_conv``) are repeated without division (each output voxel gets exactly
       one contribution, as in 2D).
-    * patch merging: 3D channel block 2k + i (i the depth offset) takes 2D block k
-      (``medmamba.nets.vss.merge_order``): LayerNorm(4C) weights repeated per depth offset, Linear
-      4C -> 2C split over the two depth offsets (halved), so a depth-constant input merges exactly as
-      in 2D.
-    * cross-scan per-route parameters: the 6 3D routes take, in order, the 2D routes
+    * patch merging (``encoder.downsamples.i`` / ``encoder.stages.i.downsample``): 3D channel block
+      2k + i (i the depth offset) takes 2D block k (``medmamba.nets.vss.merge_order``): LayerNorm(4C)
+      weights repeated per depth offset, Linear 4C -> 2C split over the two depth offsets (halved), so a
+      depth-constant input merges exactly as in 2D.
+    * sub-pixel expansions (VM-UNet / MHS-VM ``PatchExpand`` and final x4 expansion, MSVM-UNet's LKPE
+      1x1 conv, BatchNorm and depthwise conv of the up-blocks): output channels are laid out (r0, r1[,
+      r2], c) with the depth offset r0 slowest in 3D, so the 2D rows (r1, r2, c) are repeated once per
+      depth offset (no division: each output voxel still gets one value); a depth-constant input
+      expands exactly as in 2D. Kernels among them are then inflated as above.
+    * cross-scan per-route parameters (4 routes -> 6): the 6 3D routes take, in order, the 2D routes
       (row-major, column-major, column-major, and the same reversed): W fastest <- row-major,
       H fastest <- column-major, and the new D-fastest route <- column-major too.
-    * everything else (linear layers, norms, Mamba parameters) is copied; its shape does not change.
+    * everything else (linear layers, norms, Mamba and Multi-Head Scan parameters, whose shapes do not
+      depend on the dimension) is copied.
     """
     shape3d = tuple(shape3d)
     if tuple(t.shape) == shape3d:
@@ -223,12 +239,18 @@ def inflate_2d_to_3d(key: str, t: torch.Tensor, shape3d, mode: str = "average") 
         blocks = t.reshape(r2, -1, *t.shape[1:]) if leaf in ("A_logs", "Ds") else t
         out = torch.stack([blocks[i] for i in _ROUTES_2D_TO_3D])
         return out.reshape(shape3d)
-    if re.search(r"downsamples\.\d+\.norm\.(weight|bias)$", key):
+    if _MERGE_NORM.search(key):
         c = t.shape[0] // 4
         return t.view(4, c).repeat_interleave(2, dim=0).reshape(shape3d)
-    if re.search(r"downsamples\.\d+\.reduction\.weight$", key):
+    if _MERGE_RED.search(key):
         o, c = t.shape[0], t.shape[1] // 4
         return (t.view(o, 4, c).repeat_interleave(2, dim=1) / 2).reshape(shape3d)
+    if _SUB_PIXEL.search(key) and t.dim() >= 1 and shape3d and shape3d[0] % t.shape[0] == 0 \
+            and shape3d[0] > t.shape[0]:
+        reps = shape3d[0] // t.shape[0]
+        t = torch.cat([t] * reps, dim=0)
+        if tuple(t.shape) == shape3d:
+            return t
     if t.dim() == 4 and len(shape3d) == 5:
         kd = shape3d[2]
         w = t.unsqueeze(2)
@@ -244,9 +266,32 @@ def inflate_2d_to_3d(key: str, t: torch.Tensor, shape3d, mode: str = "average") 
     raise CheckpointError(f"cannot inflate {key}: 2D shape {tuple(t.shape)}, 3D shape {shape3d}")
 
 
-def _inflate_state(sd2d: dict, net3d: torch.nn.Module, mode: str) -> dict:
+def _inflate_state(sd2d: dict, net3d: torch.nn.Module, mode: str, fresh: tuple = ()) -> dict:
+    """Every tensor of our 2D state dict inflated to ``net3d``'s shapes; keys under ``fresh`` prefixes
+    (structurally different in 3D) are dropped, so they keep ``net3d``'s seeded initialisation."""
     ours = net3d.state_dict()
-    return {k: inflate_2d_to_3d(k, v, ours[k].shape, mode) if k in ours else v for k, v in sd2d.items()}
+    return {k: inflate_2d_to_3d(k, v, ours[k].shape, mode) if k in ours else v for k, v in sd2d.items()
+            if not any(k.startswith(p) for p in fresh)}
+
+
+def _convert_2d_then_inflate(make_net, mapped, origin, name, source, arch, spatial_dims, inflate, fresh2d=(),
+                             official=None, fresh3d=(), what="every weight"):
+    """Load ``mapped`` into our 2D network strictly; for ``spatial_dims == 3`` inflate it into our 3D network
+    (``fresh3d``: prefixes left at the 3D network's seeded initialisation). Returns (state, notes)."""
+    net2 = make_net(2)
+    state2 = _assemble(net2, mapped, origin, name, source, arch, fresh=fresh2d, official=official)
+    if spatial_dims != 3:
+        return state2, []
+    net3 = make_net(3)
+    inflated = _inflate_state({k: state2[k] for k in mapped}, net3, inflate, fresh=fresh3d)
+    state3 = _assemble(net3, inflated, {}, name, source, arch, fresh=fresh2d + tuple(fresh3d))
+    notes = [f"2D -> 3D inflation ({inflate}) of {what}, rules in medmamba.weights.inflate_2d_to_3d "
+             f"(docs/model_card.md)"]
+    if fresh3d:
+        left = sorted(k for k in state3 if any(k.startswith(p) for p in fresh3d))
+        notes.append(f"structurally different in 3D, left at the seeded initialisation ({len(left)} tensors): "
+                     f"{_fmt(left)}")
+    return state3, notes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,6 +462,15 @@ def _dims_depths(sd, prefix):
 
 
 def _from_swin_umamba(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflate="average", **_):
+    d_layout = "decoder.expand_layers.0.expand.weight" in sd
+    if arch == "swin_umamba_d" or d_layout:
+        if arch != "swin_umamba_d":
+            raise CheckpointError(f"{name}: a Swin-UMamba-D checkpoint (decoder.expand_layers.*): use --arch "
+                                  f"swin_umamba_d")
+        if "stem.0.weight" in sd:
+            raise CheckpointError(f"{name}: a Swin-UMamba checkpoint (conv stem 'stem.*', UNETR decoder): use --arch "
+                                  f"swin_umamba")
+        return _from_swin_umamba_d(sd, arch, spatial_dims, net_kwargs, name, seed, inflate)
     _require(sd, ["stem.0.weight", "vssm_encoder.patch_embed.proj.weight", "out_layers.0.conv.conv.weight"],
              "swin_umamba", "Swin-UMamba (nnU-Net fork)", name)
     dims = spatial_dims or 2
@@ -453,6 +507,8 @@ def _from_vmamba(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflate
         ours = vmamba_key(k)
         if ours is not None:
             mapped[ours], origin[ours] = v, k
+    if arch == "swin_umamba_d":
+        return _from_vmamba_d(sd, mapped, origin, kw, dims, name, seed, inflate, in_channels, out_channels)
     fresh = ("encoder.stem.", "encoder.patch_embed.", "decoder.")
     notes = ["ImageNet VMamba encoder loaded as Swin-UMamba's load_pretrained_ckpt does: stem, patch_embed.proj, "
              "patch_embed.norm.weight and the decoder keep their seeded initialisation (seed "
@@ -470,6 +526,98 @@ def _from_vmamba(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflate
         net = _swin_net(arch, in_channels, out_channels, 2, kw, seed)
     state = _assemble(net, mapped, origin, name, "vmamba", arch, fresh=fresh)
     return Converted(state, arch, dims, in_channels, out_channels, kw, notes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Swin-UMamba-D (JiarunLiu/Swin-UMamba swin_umamba/nnunetv2/nets/SwinUMambaD.py @ 2c1f72e1):
+# vssm_encoder (patch_embed 4x4, layers.i.blocks.j, downsamples.i) + decoder (UNetResDecoder: expand_layers,
+# concat_back_dim, stages.k.blocks.j, seg_layers), decoder step k (0 = deepest) = our level i = n - 2 - k
+# ------------------------------------------------------------------------------------------------
+
+def swin_umamba_d_key(k: str, n: int) -> str | None:
+    """Official Swin-UMamba-D key -> ours (``n`` encoder stages; None: no counterpart)."""
+    if k.startswith(("vssm_encoder.patch_embed.", "vssm_encoder.downsamples.")):
+        return "encoder." + k[len("vssm_encoder."):]
+    if k.startswith("vssm_encoder.layers."):
+        return "encoder." + _vss_key(k[len("vssm_encoder."):])
+    m = re.match(r"decoder\.expand_layers\.(\d+)\.(expand\.weight|norm\.weight|norm\.bias)$", k)
+    if m:
+        s_ = int(m.group(1))
+        if s_ == n - 1:
+            return f"decoder.final_expand.{m.group(2)}"
+        return f"decoder.expands.{n - 2 - s_}.{m.group(2)}" if s_ < n - 1 else None
+    m = re.match(r"decoder\.concat_back_dim\.(\d+)\.(weight|bias)$", k)
+    if m and int(m.group(1)) < n - 1:
+        return f"decoder.concat_back.{n - 2 - int(m.group(1))}.{m.group(2)}"
+    m = re.match(r"decoder\.stages\.(\d+)\.(blocks\..+)$", k)
+    if m and int(m.group(1)) < n - 1:
+        return _vss_key(f"decoder.layers.{n - 2 - int(m.group(1))}.{m.group(2)}")
+    m = re.match(r"decoder\.seg_layers\.(\d+)\.(weight|bias)$", k)
+    if m:
+        s_ = int(m.group(1))
+        if s_ == n - 1:
+            return f"decoder.final_head.{m.group(2)}"
+        return f"decoder.heads.{n - 2 - s_}.{m.group(2)}" if s_ < n - 1 else None
+    return None
+
+
+def _swin_d_fresh3d(make) -> tuple:
+    """Our 3D Swin-UMamba-D's final x4 expansion differs from the 2D one when ``final_dim`` differs (default:
+    dims[0] // 4 in 3D, dims[0] in 2D; its Linear can even have the 2D shape): leave it and the head fresh."""
+    n2, n3 = make(2), make(3)
+    if n2.decoder.final_expand.out_dim == n3.decoder.final_expand.out_dim:
+        return ()
+    return ("decoder.final_expand.", "decoder.final_head.")
+
+
+def _from_swin_umamba_d(sd, arch, spatial_dims, net_kwargs, name, seed, inflate):
+    _require(sd, ["vssm_encoder.patch_embed.proj.weight", "vssm_encoder.layers.0.blocks.0.ln_1.weight",
+                  "decoder.expand_layers.0.expand.weight", "decoder.seg_layers.0.weight"],
+             "swin_umamba", "Swin-UMamba-D (SwinUMambaD.py)", name)
+    vdims, depths = _dims_depths(sd, "vssm_encoder.")
+    n = len(vdims)
+    dec = {_count(sd, rf"decoder\.stages\.{k}\.blocks\.(\d+)\.") for k in range(n - 1)}
+    if len(dec) != 1:
+        raise CheckpointError(f"{name}: decoder stages of different depths {sorted(dec)}; our SwinUMambaD has one "
+                              f"decoder_depth")
+    in_ch = int(sd["vssm_encoder.patch_embed.proj.weight"].shape[1])
+    out_ch = int(sd["decoder.seg_layers.0.weight"].shape[0])
+    kw = dict(dims=vdims, depths=depths, decoder_depth=dec.pop(),
+              d_state=int(sd["vssm_encoder.layers.0.blocks.0.self_attention.A_logs"].shape[1]))
+    kw.update(net_kwargs)
+    mapped, origin = _map_keys(sd, lambda k: swin_umamba_d_key(k, n), name, arch)
+    make = _net_maker(arch, in_ch, out_ch, kw, seed, name)
+    fresh3d = _swin_d_fresh3d(make) if spatial_dims == 3 else ()
+    state, notes = _convert_2d_then_inflate(make, mapped, origin, name, "swin_umamba", arch, spatial_dims, inflate,
+                                            fresh3d=fresh3d)
+    if fresh3d:
+        notes.append("pass --net-kwargs '{\"final_dim\": %d}' to inflate the final x4 expansion as well (its rows "
+                     "repeated per depth offset; 4x the memory of the default 3D final_dim)" % vdims[0])
+    return Converted(state, arch, spatial_dims or 2, in_ch, out_ch, _jsonable(kw), notes)
+
+
+def _from_vmamba_d(sd, mapped, origin, kw, dims, name, seed, inflate, in_channels, out_channels):
+    """VMamba ImageNet weights into Swin-UMamba-D as its ``load_pretrained_ckpt`` (SwinUMambaD.py) loads them:
+    every encoder key, the patch embedding (proj and norm) only when its input channels equal ours."""
+    if "patch_embed.proj.weight" in sd and int(sd["patch_embed.proj.weight"].shape[1]) == in_channels:
+        for k in ("patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight", "patch_embed.norm.bias"):
+            if k in sd:
+                mapped["encoder." + k], origin["encoder." + k] = sd[k], k
+        pe = "loaded (its input channels equal --in-channels)"
+    else:
+        for k in ("encoder.patch_embed.norm.bias",):
+            mapped.pop(k, None)
+            origin.pop(k, None)
+        pe = "not loaded (ImageNet has 3 input channels, ours %d), seeded" % in_channels
+    make = _net_maker("swin_umamba_d", in_channels, out_channels, kw, seed, name)
+    fresh = ("encoder.patch_embed.", "decoder.")
+    state, notes = _convert_2d_then_inflate(make, mapped, origin, name, "vmamba", "swin_umamba_d", dims, inflate,
+                                            fresh2d=fresh, what="the encoder")
+    notes.insert(0, f"ImageNet VMamba encoder loaded as Swin-UMamba-D's load_pretrained_ckpt does: the patch "
+                    f"embedding {pe}; norm / head skipped; the decoder keeps its seeded initialisation (seed {seed})")
+    notes.append("train with nnUNetTrainerSwinUMambaD and -pretrained_weights: the encoder is frozen for the first "
+                 "10 epochs, as the paper")
+    return Converted(state, "swin_umamba_d", dims, in_channels, out_channels, kw, notes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -569,16 +717,9 @@ def msvm_unet_official_key(k: str) -> str | None:
                        (r"decoder\.seg_layers\.0\.(.+)$", r"decoder.out_layers.0.out.\1")], k)
 
 
-def _from_2d_only(spatial_dims, name, what):
-    if spatial_dims == 3:
-        raise CheckpointError(f"{name}: {what} is 2D only and our 3D variant has other shapes (see docs/model_card.md); "
-                              f"no 2D -> 3D inflation for it: convert with --spatial-dims 2")
-
-
-def _from_msvm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
+def _from_msvm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflate="average", **_):
     _require(sd, ["encoder.layer0.0.weight", "encoder.layers.0.blocks.0.op.x_proj_weight",
                   "decoder.out_layers.0.out.weight"], "msvm_unet", "MSVM-UNet", name)
-    _from_2d_only(spatial_dims, name, "MSVM-UNet")
     n = _count(sd, r"encoder\.layers\.(\d+)\.blocks\.")
     dims = [int(sd[f"encoder.layers.{i}.blocks.0.norm.weight"].shape[0]) for i in range(n)]
     depths = [_count(sd, rf"encoder\.layers\.{i}\.blocks\.(\d+)\.") for i in range(n)]
@@ -595,19 +736,29 @@ def _from_msvm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_)
     for k, v in mapped.items():
         if _LINEAR2D.search(k) and v.dim() == 4 and tuple(v.shape[2:]) == (1, 1):
             mapped[k] = v.flatten(1)
-    torch.manual_seed(seed)
-    try:
-        net = nets.create(arch, in_ch, out_ch, 2, **kw)
-    except ValueError as exc:
-        raise CheckpointError(f"{name}: {exc}") from None
-    state = _assemble(net, mapped, origin, name, "msvm_unet", arch, fresh=_ds_heads(net),
-                      official=msvm_unet_official_key)
+    make = _net_maker(arch, in_ch, out_ch, kw, seed, name)
+    # 3D: the final FLKPE is two x2 steps instead of one x4 step (docs/model_card.md): no rule maps it
+    state, notes3 = _convert_2d_then_inflate(make, mapped, origin, name, "msvm_unet", arch, spatial_dims, inflate,
+                                             fresh2d=_ds_heads(make(2)), official=msvm_unet_official_key,
+                                             fresh3d=("decoder.final.",),
+                                             what="the encoder and the up-blocks (LKPE, MSVSS)")
     notes = [f"decoder.seg_layers.1..: our deep-supervision heads (not in the official network) keep their seeded "
-             f"initialisation (seed {seed}); unused without deep supervision"]
+             f"initialisation (seed {seed}); unused without deep supervision"] + notes3
     if in_ch == 3:
         notes.append("the official MSVMUNet.forward repeats a 1-channel input to 3 channels; ours does not: feed "
                      "3 channels (or sum encoder.stem.0.weight over its input axis for 1-channel images)")
-    return Converted(state, arch, 2, in_ch, out_ch, _jsonable(kw), notes)
+    return Converted(state, arch, spatial_dims or 2, in_ch, out_ch, _jsonable(kw), notes)
+
+
+def _net_maker(arch, in_ch, out_ch, kw, seed, name):
+    """``make(spatial_dims)``: our network, seeded, errors as CheckpointError."""
+    def make(dims):
+        torch.manual_seed(seed)
+        try:
+            return nets.create(arch, in_ch, out_ch, dims, **kw)
+        except ValueError as exc:
+            raise CheckpointError(f"{name}: {exc}") from None
+    return make
 
 
 def _ds_heads(net) -> tuple:
@@ -755,13 +906,12 @@ def _vm_unet_dims(sd):
     return dims, depths, dec
 
 
-def _from_mhs_vm(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
+def _from_mhs_vm(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflate="average", **_):
     sd = _strip_vmunet(sd)
     if "layers.0.blocks.0.self_attention.x_proj_weight" in sd:
         raise CheckpointError(f"{name}: this is a VM-UNet (SS2D) checkpoint, not MHS-VM: use --from vm_unet")
     _require(sd, ["patch_embed.proj.weight", "layers.0.blocks.0.ln_1.weight", "final_conv.weight"],
              "mhs_vm", "MHS-VM (VMUNet with VSSGate / MHSM)", name)
-    _from_2d_only(spatial_dims, name, "MHS-VM")
     rest, mapped, origin, heads = _merge_mhs_heads(sd, name)
     if not heads:
         raise CheckpointError(f"{name}: no MHS scan heads (layers.*.blocks.*.self_attention.mhs.scanhead_*): "
@@ -777,6 +927,9 @@ def _from_mhs_vm(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
     if "families" in net_kwargs and list(net_kwargs["families"]) != fam:
         raise CheckpointError(f"{name}: the official heads scan C, X, S{', Z' if heads == 4 else ''} = {fam}; "
                               f"--net-kwargs families {list(net_kwargs['families'])} would scan other routes")
+    if net_kwargs.get("mixer", "mhs") != "mhs":
+        raise CheckpointError(f"{name}: an MHS-VM checkpoint needs mixer='mhs', not --net-kwargs mixer "
+                              f"{net_kwargs['mixer']!r}")
     if "num_heads" in net_kwargs and int(net_kwargs["num_heads"]) != heads:
         raise CheckpointError(f"{name}: the checkpoint has {heads} scan heads per block, not num_heads="
                               f"{net_kwargs['num_heads']}")
@@ -789,13 +942,13 @@ def _from_mhs_vm(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
     m2, o2 = _map_keys(rest, mhs_vm_key, name, arch)
     mapped.update(m2)
     origin.update(o2)
-    torch.manual_seed(seed)
-    try:
-        net = nets.create(arch, in_ch, out_ch, 2, **kw)
-    except ValueError as exc:
-        raise CheckpointError(f"{name}: {exc}") from None
-    state = _assemble(net, mapped, origin, name, "mhs_vm", arch, fresh=_ds_heads(net), official=mhs_vm_official_key)
-    notes = [f"threshold (the SRA 'gfu_t' of para_dict) is not stored in the checkpoint: {kw.get('threshold', 0.5)} "
+    make = _net_maker(arch, in_ch, out_ch, kw, seed, name)
+    state, notes3 = _convert_2d_then_inflate(make, mapped, origin, name, "mhs_vm", arch, spatial_dims, inflate,
+                                             fresh2d=_ds_heads(make(2)), official=mhs_vm_official_key)
+    if notes3:
+        notes3.append("Multi-Head Scan parameters are copied head by head: in 3D each head scans the 3D routes of "
+                      "its family (snake, diagonal, spiral, raster; medmamba.layers.scan_routes)")
+    notes = notes3 + [f"threshold (the SRA 'gfu_t' of para_dict) is not stored in the checkpoint: {kw.get('threshold', 0.5)} "
              f"is used (the released config: 0.5 for ISIC18, 0.0 for ISIC17); pass --net-kwargs "
              f"'{{\"threshold\": T}}' with the value of the training config",
              f"decoder.seg_layers.1..: our deep-supervision heads keep their seeded initialisation (seed {seed})"]
@@ -803,22 +956,130 @@ def _from_mhs_vm(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, **_):
         notes.append("num_classes 1: the official VMUNet.forward applies a sigmoid; ours returns logits")
     if in_ch == 3:
         notes.append("the official VMUNet.forward repeats a 1-channel input to 3 channels; ours does not")
-    return Converted(state, arch, 2, in_ch, out_ch, _jsonable(kw), notes)
+    return Converted(state, arch, spatial_dims or 2, in_ch, out_ch, _jsonable(kw), notes)
 
 
-def _from_vm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, **_):
+_SS2D_BLOCK = [(r"ln_1\.(weight|bias)$", r"norm.\1"), (r"self_attention\.conv2d\.(weight|bias)$", r"mixer.conv.\1"),
+               (r"self_attention\.(in_proj\.weight|out_proj\.weight|out_norm\.weight|out_norm\.bias|x_proj_weight|"
+                r"dt_projs_weight|dt_projs_bias|A_logs|Ds)$", r"mixer.\1")]
+_SS2D_BLOCK_BACK = [(r"norm\.(.+)$", r"ln_1.\1"), (r"mixer\.conv\.(.+)$", r"self_attention.conv2d.\1"),
+                    (r"mixer\.(.+)$", r"self_attention.\1")]
+
+
+def vm_unet_key(k: str) -> str | None:
+    """Official VM-UNet VSSM key (without ``vmunet.``) -> ours in ``VMUNetMHS(mixer="ss2d")`` (None: no counterpart).
+    VSSBlock = ln_1 + SS2D ``self_attention`` (VMamba v0 names, as Swin-UMamba's)."""
+    blk = _vm_unet_block_prefix(k)
+    if blk:
+        rest = _first_sub(_SS2D_BLOCK, blk[1])
+        return blk[0] + rest if rest else None
+    return mhs_vm_key(k)
+
+
+def vm_unet_official_key(k: str) -> str | None:
+    """Our ``VMUNetMHS(mixer="ss2d")`` key -> the official VM-UNet VSSM key, for error messages."""
+    m = re.match(r"(encoder|decoder)\.stages\.(\d+)\.blocks\.(\d+)\.(.+)$", k)
+    if m:
+        layer = "layers" if m.group(1) == "encoder" else "layers_up"
+        return f"{layer}.{m.group(2)}.blocks.{m.group(3)}.{_first_sub(_SS2D_BLOCK_BACK, m.group(4))}"
+    return mhs_vm_official_key(k)
+
+
+def _vm_unet_load_from(sd: dict, depths, dec_depths) -> tuple[dict, dict, list]:
+    """VM-UNet's ``VMUNet.load_from`` on a VMamba v0 ImageNet ``{"model": ...}`` state dict, as our keys:
+    the encoder takes every key its modules have (patch_embed, layers.i.blocks.j for j < depths[i],
+    layers.i.downsample); decoder stage i takes blocks j < dec_depths[i] of ImageNet layer n-1-i (its
+    ``layers.k`` -> ``layers_up.(n-1-k)`` renaming). The rest (ImageNet blocks beyond our depths, norm,
+    head) is skipped, as ``load_from``'s ``k in model_dict`` filter does. Returns (mapped, origin, skipped)."""
+    n = len(depths)
+    mapped, origin, skipped = {}, {}, []
+    for k, v in sd.items():
+        placed = False
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)$", k)
+        if m:
+            i, j, rest = int(m.group(1)), int(m.group(2)), _first_sub(_SS2D_BLOCK, m.group(3))
+            if rest and i < n and j < depths[i]:
+                mapped[f"encoder.stages.{i}.blocks.{j}.{rest}"], placed = v, True
+                origin[f"encoder.stages.{i}.blocks.{j}.{rest}"] = k
+            d = n - 1 - i
+            if rest and 0 <= d < len(dec_depths) and j < dec_depths[d]:
+                mapped[f"decoder.stages.{d}.blocks.{j}.{rest}"], placed = v, True
+                origin[f"decoder.stages.{d}.blocks.{j}.{rest}"] = k
+        else:
+            m = re.match(r"layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)$", k)
+            if m and int(m.group(1)) < n - 1:
+                ours = f"encoder.stages.{m.group(1)}.downsample.{m.group(2)}"
+                mapped[ours], origin[ours], placed = v, k, True
+            m = re.match(r"patch_embed\.(proj|norm)\.(weight|bias)$", k)
+            if m:
+                ours = f"encoder.patch_embed.{m.group(1)}.{m.group(2)}"
+                mapped[ours], origin[ours], placed = v, k, True
+        if not placed:
+            skipped.append(k)
+    return mapped, origin, skipped
+
+
+def _group_blocks(keys) -> list:
+    """Keys with every ``layers.i.blocks.j.<...>`` collapsed to ``layers.i.blocks.j.*`` (order kept, no repeats)."""
+    return list(dict.fromkeys(re.sub(r"^(layers\.\d+\.blocks\.\d+)\..*$", r"\1.*", k) for k in keys))
+
+
+def _from_vm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflate="average", out_channels=2, **_):
     sd = _strip_vmunet(sd)
     _require(sd, ["patch_embed.proj.weight", "layers.0.blocks.0.ln_1.weight"], "vm_unet", "VM-UNet", name)
     if any(".self_attention.mhs." in k for k in sd):
         raise CheckpointError(f"{name}: this is an MHS-VM checkpoint (self_attention.mhs.*): use --from mhs_vm")
-    ss2d = sorted(k for k in sd if re.search(r"\.self_attention\.(x_proj_weight|dt_projs_weight|dt_projs_bias|"
-                                             r"A_logs|Ds|out_proj\.weight)$", k))
-    raise CheckpointError(
-        f"{name}: VM-UNet's VSS blocks mix with SS2D (d_inner 2C, 4 cross-scan routes, out_proj); {arch} mixes with "
-        f"MHS-VM's gated Multi-Head Scan, which has no counterpart for them: {len(ss2d)} SS2D tensors cannot be "
-        f"placed ({_fmt(ss2d)}). Nothing is converted rather than dropping the mixers (a real architecture "
-        f"difference, see docs/weights.md); the other tensors (patch embedding, merging, expanding, final "
-        f"conv) would fit.")
+    _require(sd, ["layers.0.blocks.0.self_attention.x_proj_weight", "layers.0.blocks.0.self_attention.out_proj.weight"],
+             "vm_unet", "VM-UNet (VSS blocks with SS2D 'self_attention')", name)
+    if net_kwargs.get("mixer", "ss2d") != "ss2d":
+        raise CheckpointError(f"{name}: a VM-UNet checkpoint needs mixer='ss2d', not --net-kwargs mixer "
+                              f"{net_kwargs['mixer']!r}")
+    imagenet = not any(k.startswith(("layers_up.", "final_conv.", "final_up.")) for k in sd)
+    n = _count(sd, r"layers\.(\d+)\.blocks\.")
+    dims = [int(sd[f"layers.{i}.blocks.0.ln_1.weight"].shape[0]) for i in range(n)]
+    kw = dict(dims=dims, d_state=int(sd["layers.0.blocks.0.self_attention.A_logs"].shape[1]), mixer="ss2d")
+    in_ch = int(sd["patch_embed.proj.weight"].shape[1])
+    notes = []
+    if imagenet:
+        # VMamba ImageNet weights as VMUNet.load_from reads them: depths from the VM-UNet config (not the file)
+        # (VM-UNet's configs: depths [2, 2, 2, 2], depths_decoder [2, 2, 2, 1], our defaults)
+        kw.update(net_kwargs)
+        if n != 4 and not {"depths", "decoder_depths"} <= set(kw):
+            raise CheckpointError(f"{name}: a {n}-stage VMamba checkpoint; VM-UNet's depths [2, 2, 2, 2] / [2, 2, 2, 1] "
+                                  f"need 4 stages: pass --net-kwargs '{{\"depths\": [...], \"decoder_depths\": [...]}}'")
+        kw.setdefault("depths", [2, 2, 2, 2])
+        kw.setdefault("decoder_depths", [2, 2, 2, 1])
+        kw["mixer"] = "ss2d"
+        mapped, origin, skipped = _vm_unet_load_from(sd, kw["depths"], kw["decoder_depths"])
+        out_ch = out_channels
+        notes.append(f"VMamba ImageNet weights loaded as VM-UNet's VMUNet.load_from does: encoder (patch embedding, "
+                     f"blocks.j < depths {kw['depths']}, merging) and decoder VSS blocks from ImageNet layers "
+                     f"n-1-i; {len(skipped)} ImageNet tensors skipped ({_fmt(_group_blocks(skipped))}); the patch expansions, final "
+                     f"expansion and head keep their seeded initialisation (seed {seed})")
+    else:
+        _require(sd, ["final_conv.weight", "final_up.expand.weight"], "vm_unet", "VM-UNet (VMUNet.vmunet VSSM)", name)
+        _, depths, dec = _vm_unet_dims(sd)
+        kw.update(depths=depths, decoder_depths=dec)
+        kw.update(net_kwargs)
+        kw["mixer"] = "ss2d"
+        mapped, origin = _map_keys(sd, vm_unet_key, name, arch)
+        out_ch = int(sd["final_conv.weight"].shape[0])
+    make = _net_maker(arch, in_ch, out_ch, kw, seed, name)
+    net2 = make(2)
+    ds = _ds_heads(net2)
+    fresh = ()
+    if imagenet:  # the decoder tensors load_from does not fill keep the seeded initialisation
+        fresh = tuple(k for k in net2.state_dict() if k.startswith("decoder.") and k not in mapped)
+    state, notes3 = _convert_2d_then_inflate(make, mapped, origin, name, "vm_unet", arch, spatial_dims, inflate,
+                                             fresh2d=ds + tuple(fresh), official=vm_unet_official_key)
+    notes = notes3 + notes + [f"decoder.seg_layers.1..: our deep-supervision heads keep their seeded initialisation "
+                              f"(seed {seed})"]
+    if out_ch == 1:
+        notes.append("num_classes 1: the official VMUNet.forward applies a sigmoid; ours returns logits")
+    if in_ch == 3:
+        notes.append("the official VMUNet.forward repeats a 1-channel input to 3 channels; ours does not: feed 3 "
+                     "channels (or sum encoder.patch_embed.proj.weight over its input axis for 1-channel images)")
+    return Converted(state, arch, spatial_dims or 2, in_ch, out_ch, _jsonable(kw), notes)
 
 
 # ------------------------------------------------------------------------------------------------
