@@ -311,6 +311,22 @@ def _plan(out: Path, dataset_id: int, plans_needed: list[str], configuration: st
             print(f"      done in {t:.0f} s", flush=True)
 
 
+def _network_summary(model_folder: str, configuration: str) -> dict:
+    """Network class, patch size and batch size from the plans the trainer saved with its results (our trainers
+    save their adapted plans there, so this is what was trained)."""
+    try:
+        plans = json.loads((Path(model_folder) / "plans.json").read_text())
+        conf = plans["configurations"][configuration]
+        while "inherits_from" in conf and ("architecture" not in conf or "patch_size" not in conf):
+            conf = {**plans["configurations"][conf.pop("inherits_from")], **conf}
+        arch = conf.get("architecture", {})
+        return {"network": str(arch.get("network_class_name", "?")).rsplit(".", 1)[-1],
+                "patch_size": conf.get("patch_size"), "batch_size": conf.get("batch_size"),
+                "spacing": conf.get("spacing")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _error_line(exc) -> str:
     """The most telling line of a failed worker's output (the last exception line), else its last line."""
     tail = getattr(exc, "tail", None) or str(exc)
@@ -496,7 +512,8 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
             missing = sorted(set(split["test"]) - set(per_case))
             if missing:
                 raise RuntimeError(f"no metrics for test cases {missing} (see {cdir / 'evaluation' / 'summary.json'})")
-            entry.update(status="ok", cases=per_case, train=train, predict=pred)
+            entry.update(status="ok", cases=per_case, train=train, predict=pred,
+                         network=_network_summary(train["model_folder"], configuration))
             dice = [v["dice"] for v in per_case.values()]
             secs = list(pred["seconds_per_case"].values())
             print(f"      test Dice {sum(dice) / len(dice):.3f} over {len(dice)} cases; "

@@ -102,7 +102,7 @@ def summarise(contenders: list[dict], labels: list[int]) -> list[dict]:
                        peak_memory_kind=tr.get("peak_memory_kind"),
                        inference_seconds_per_case=sum(secs) / len(secs) if secs else None,
                        fold_validation_dice=(tr.get("fold_validation") or {}).get("Dice"),
-                       n_cases=len(cases))
+                       n_cases=len(cases), network=c.get("network") or {})
             if ref is not None and c is not ref:
                 row["vs_first"] = {m: paired_wilcoxon({k: v[m] for k, v in ref["cases"].items()},
                                                       {k: v[m] for k, v in cases.items()}) for m in METRICS}
@@ -135,7 +135,7 @@ def _hms(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-_COLUMNS = ["contender", "status", "Dice", "p Dice", "HD95 mm", "p HD95", "NSD", "p NSD", "params (M)",
+_COLUMNS = ["contender", "status", "network (patch x batch)", "Dice", "p Dice", "HD95 mm", "p HD95", "NSD", "p NSD", "params (M)",
             "epochs", "train time", "peak mem train (MB)", "peak mem predict (MB)", "inference s/case",
             "fold val Dice"]
 
@@ -148,7 +148,10 @@ def _table_rows(rows):
             continue
         epochs = f"{r['epochs_done']}/{r['epochs_budget']} x {r['iterations_per_epoch']}" \
             + (" (time limit)" if r.get("stopped_by_time_limit") else "")
-        out.append([r["contender"], "ok", _msd(r["dice"]), _p(r, "dice"), _msd(r["hd95_mm"], "{:.1f}"),
+        net = r.get("network") or {}
+        arch = "-" if not net else (f"{net.get('network', '?')} ({'x'.join(map(str, net.get('patch_size') or []))} x "
+                                    f"{net.get('batch_size', '?')})")
+        out.append([r["contender"], "ok", arch, _msd(r["dice"]), _p(r, "dice"), _msd(r["hd95_mm"], "{:.1f}"),
                     _p(r, "hd95_mm"), _msd(r["nsd"]), _p(r, "nsd"),
                     _f(None if r["parameters"] is None else r["parameters"] / 1e6, "{:.2f}"), epochs,
                     _hms(r["train_seconds"]), _f(r["peak_memory_train_mb"], "{:.0f}"),
@@ -177,12 +180,13 @@ def _plots(rows, contenders) -> dict:
     ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     pngs["dice_boxplot.png"] = fig
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for r, _ in ok:
         if r["train_seconds"] is not None and r["dice"]["mean"] is not None:
             ax.errorbar(r["train_seconds"] / 60, r["dice"]["mean"], yerr=r["dice"]["sd"], fmt="o", capsize=3)
             ax.annotate(r["contender"], (r["train_seconds"] / 60, r["dice"]["mean"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
+    ax.margins(x=0.3)   # room for the labels
     ax.set_xlabel("training time (minutes)")
     ax.set_ylabel("mean Dice on the test cases (± sd)")
     ax.set_ylim(-0.02, 1.02)
