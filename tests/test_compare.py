@@ -126,32 +126,41 @@ def _cases(n: int) -> list[Path]:
     return sorted(p for p in STS.iterdir() if p.is_dir() and (p / "CT_image.nii.gz").is_file())[:n]
 
 
-@pytest.fixture(scope="module")
-def sts7(tmp_path_factory) -> Path:
-    """Seven IBSI cases (5 train + 2 test), linked, so the split and planning stay small."""
-    root = tmp_path_factory.mktemp("sts7")
-    for case in _cases(7):
+def _link_cases(root: Path, cases: list[Path]) -> Path:
+    for case in cases:
         (root / case.name).mkdir()
         for f in ("CT_image.nii.gz", "CT_mask.nii.gz"):
             os.symlink(case / f, root / case.name / f)
     return root
 
 
-def _cmd(data: Path, out: Path, contenders: list[str], *extra: str) -> list[str]:
+@pytest.fixture(scope="module")
+def sts5(tmp_path_factory) -> Path:
+    """Five IBSI cases for training (nnU-Net's 5-fold split needs five), linked, so planning stays small."""
+    return _link_cases(tmp_path_factory.mktemp("sts5"), _cases(7)[:5])
+
+
+@pytest.fixture(scope="module")
+def test2(tmp_path_factory) -> Path:
+    """Two other IBSI cases: the separate test folder."""
+    return _link_cases(tmp_path_factory.mktemp("test2"), _cases(7)[5:])
+
+
+def _cmd(data: Path, out: Path, contenders: list[str], *extra: str, test: Path | None = None) -> list[str]:
     # a coarse grid (whole volumes of about 16x38x38 voxels) keeps every contender to seconds per epoch
     return [sys.executable, "-m", "medmamba", "compare", str(data), "--contenders", *contenders,
-            "--budget", "2x2x1", "--test-cases", "2", "--target-spacing", "13.08", "3.906", "3.906", "--no-tta",
+            "--budget", "2x2x1", "--test", str(test), "--target-spacing", "13.08", "3.906", "3.906", "--no-tta",
             "--no-fold-validation", "--out", str(out), *extra]
 
 
 @needs_sts
-def test_compare_end_to_end_killed_resumed_and_failing_contender(sts7, tmp_path):
+def test_compare_end_to_end_killed_resumed_and_failing_contender(sts5, test2, tmp_path):
     out = tmp_path / "cmp"
     contenders = ["nnUNetTrainer", "nnUNetTrainerUMamba"]
     # 1. start, and kill the whole process group once the second contender has saved its first epoch
     console = tmp_path / "console.txt"
     with open(console, "w") as f:
-        proc = subprocess.Popen(_cmd(sts7, out, contenders), stdout=f, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(_cmd(sts5, out, contenders, test=test2), stdout=f, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     second_log = out / "contenders" / "nnUNetTrainerUMamba" / "train.log"
     deadline, killed = time.time() + 900, False
@@ -169,10 +178,12 @@ def test_compare_end_to_end_killed_resumed_and_failing_contender(sts7, tmp_path)
     assert first.is_file() and not (out / "contenders" / "nnUNetTrainerUMamba" / "train.json").exists()
     first_mtime = first.stat().st_mtime_ns
     split = json.loads((out / "split.json").read_text())
-    assert len(split["train"]) == 5 and len(split["test"]) == 2 and not set(split["train"]) & set(split["test"])
+    assert split["train"] == sorted(p.name for p in sts5.iterdir())
+    assert split["test"] == sorted(p.name for p in test2.iterdir())
+    assert sorted(os.listdir(out / "test" / "imagesTs")) == [f"{c}_0000.nii.gz" for c in split["test"]]
 
     # 2. the same command resumes: the first contender is not retrained, the second continues from its checkpoint
-    r = subprocess.run(_cmd(sts7, out, contenders), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(_cmd(sts5, out, contenders, test=test2), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "nnUNetTrainer: trained before (not retrained)" in r.stdout
     assert first.stat().st_mtime_ns == first_mtime
@@ -196,7 +207,7 @@ def test_compare_end_to_end_killed_resumed_and_failing_contender(sts7, tmp_path)
     assert first_result["seed"] == 0 and first_result["stopped_by_time_limit"] is False
 
     # 3. a contender that fails is reported, the others are not retrained, and the exit status says so
-    r = subprocess.run(_cmd(sts7, out, contenders + ["nnUNetTrainerDoesNotExist"]), capture_output=True, text=True,
+    r = subprocess.run(_cmd(sts5, out, contenders + ["nnUNetTrainerDoesNotExist"], test=test2), capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAILED: training failed" in r.stdout and "nnUNetTrainerDoesNotExist" in r.stderr
@@ -207,20 +218,20 @@ def test_compare_end_to_end_killed_resumed_and_failing_contender(sts7, tmp_path)
     assert [r["status"] for r in doc["rows"][:2]] == ["ok", "ok"]
 
     # 4. other settings on the same --out are refused (every contender must share one budget)
-    r = subprocess.run(_cmd(sts7, out, contenders)[:-2] + ["--out", str(out), "--seed", "1"], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(_cmd(sts5, out, contenders, "--seed", "1", test=test2), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2 and "seed" in r.stderr and "Traceback" not in r.stderr
 
 
 @needs_sts
-def test_compare_refuses_test_cases_that_are_training_cases(sts7, tmp_path):
+def test_compare_refuses_test_cases_that_are_training_cases(sts5, tmp_path):
     test_dir = tmp_path / "test"
     test_dir.mkdir()
-    os.symlink(sts7 / _cases(1)[0].name, test_dir / "again")   # the same files under another name
+    os.symlink(sts5 / _cases(1)[0].name, test_dir / "again")   # the same files under another name
     with pytest.raises(CompareError, match="also training cases"):
-        run_compare(str(sts7), ["nnUNetTrainer"], str(tmp_path / "out"), test=str(test_dir), budget="1x1")
+        run_compare(str(sts5), ["nnUNetTrainer"], str(tmp_path / "out"), test=str(test_dir), budget="1x1")
     with pytest.raises(CompareError, match="5-fold split needs at least 5 training cases"):
-        run_compare(str(sts7), ["nnUNetTrainer"], str(tmp_path / "out2"), budget="1x1", test_cases=4)
-    r = subprocess.run([sys.executable, "-m", "medmamba", "compare", str(sts7), "--contenders", "nnUNetTrainer@Foo",
+        run_compare(str(sts5), ["nnUNetTrainer"], str(tmp_path / "out2"), budget="1x1", test_cases=1)
+    r = subprocess.run([sys.executable, "-m", "medmamba", "compare", str(sts5), "--contenders", "nnUNetTrainer@Foo",
                         "--out", str(tmp_path / "out3")], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown plans" in r.stderr and "Traceback" not in r.stderr
