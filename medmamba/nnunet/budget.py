@@ -28,10 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["run_training_budgeted", "seconds_trained", "main"]
+__all__ = ["run_training_budgeted", "seconds_trained", "write_json_atomic", "main"]
 
 
-def _write_json(path: str | os.PathLike, obj: dict) -> None:
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """JSON to ``path`` through a temporary file and a rename (a killed run never leaves half a file)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
         return 2
     job = json.loads(Path(argv[1]).read_text())
     result = (_train if argv[0] == "train" else _predict)(job)
-    _write_json(job["result"], result)
+    write_json_atomic(job["result"], result)
     return 0
 
 

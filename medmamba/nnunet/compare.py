@@ -29,13 +29,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from medmamba.nnunet.budget import write_json_atomic
+
 __all__ = ["Budget", "Contender", "parse_budget", "parse_contender", "run_compare", "add_parser"]
 
 COMPARE_DATASET_ID = 991
 NNUNET_EPOCHS, NNUNET_ITERATIONS = 1000, 250
 _PLANNERS = {"nnUNetPlans": "ExperimentPlanner", "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
              "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL", "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL"}
-_NII = (".nii.gz", ".nii")
 
 
 class CompareError(ValueError):
@@ -128,15 +129,10 @@ def _preset_arch(plans: str) -> str | None:
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-def _strip(name: str) -> str:
-    for ext in _NII:
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def _nnunet_layout(folder: Path, images: str, labels: str) -> dict[str, tuple[list[str], str]]:
     """{case: ([channel files], label)} from an nnU-Net-style pair of folders (``case_XXXX.nii.gz`` images)."""
+    from medmamba.nnunet.dataset import _NII, _strip_ext
+
     cases: dict[str, tuple[list[str], str]] = {}
     img_dir, lab_dir = folder / images, folder / labels
     chans: dict[str, dict[int, str]] = {}
@@ -147,7 +143,7 @@ def _nnunet_layout(folder: Path, images: str, labels: str) -> dict[str, tuple[li
     for lab in sorted(lab_dir.iterdir()):
         if lab.name.startswith(".") or not lab.name.endswith(_NII):
             continue
-        case = _strip(lab.name)
+        case = _strip_ext(lab.name)
         if case in chans:
             c = chans[case]
             cases[case] = ([c[k] for k in sorted(c)], str(lab))
@@ -223,31 +219,18 @@ def resolve_dataset(spec: str) -> tuple[str, dict, dict]:
     return name, meta, cases
 
 
-def _link(src: str, dst: Path) -> None:
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
-    try:
-        os.symlink(os.path.abspath(src), dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _write_cases(cases: dict, images: Path, labels: Path, ending: str) -> None:
+    from medmamba.nnunet.dataset import _place
+
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
     for case, (chans, lab) in cases.items():
         for i, f in enumerate(chans):
-            _link(f, images / f"{case}_{i:04d}{ending}")
-        _link(lab, labels / f"{case}{ending}")
+            _place(f, images / f"{case}_{i:04d}{ending}", link=True)
+        _place(lab, labels / f"{case}{ending}", link=True)
 
 
 # -- the comparison ---------------------------------------------------------------------------------------------
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -393,7 +376,7 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
                                "pass --overwrite")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(settings_file, settings)
+    write_json_atomic(settings_file, settings)
 
     # the held-out test set: a separate folder, or a seeded split made once
     split_file = out_dir / "split.json"
@@ -438,11 +421,11 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
         _write_cases({c: cases[c] for c in split["train"]}, ds_folder / "imagesTr", ds_folder / "labelsTr", ending)
         dj = {k: v for k, v in meta.items() if not k.startswith("_")}
         dj["numTraining"] = n_train
-        _atomic_json(ds_folder / "dataset.json", dj)
+        write_json_atomic(ds_folder / "dataset.json", dj)
         _write_cases(test_map, out_dir / "test" / "imagesTs", out_dir / "test" / "labelsTs", ending)
         split["dataset_id"], split["dataset_folder"] = meta["_id"], ds_folder.name
         split["labels"] = sorted(int(v) for v in meta["labels"].values() if not isinstance(v, list) and int(v) != 0)
-        _atomic_json(split_file, split)
+        write_json_atomic(split_file, split)
     labels = split["labels"]
     dataset_id = split["dataset_id"]
 
@@ -485,7 +468,7 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
                        "epochs": bud.epochs, "iterations": bud.iterations, "val_iterations": bud.val_iterations,
                        "time_limit": bud.time_limit, "mirroring": mirroring, "final_validation": final_validation,
                        "result": str(train_file)}
-                _atomic_json(cdir / "train_job.json", job)
+                write_json_atomic(cdir / "train_job.json", job)
                 progress = EpochProgress(total=bud.epochs, stream=sys.stdout if epoch_lines else None)
                 nn.run_command([py, "-m", "medmamba.nnunet.budget", "train", cdir / "train_job.json"], env,
                                log=cdir / "train.log", on_line=progress)
@@ -501,7 +484,7 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
                     shutil.rmtree(pred_dir)
                 job = {"model_folder": train["model_folder"], "fold": fold_value, "device": device,
                        "mirroring": mirroring, "cases": test_files, "output": str(pred_dir), "result": str(pred_file)}
-                _atomic_json(cdir / "predict_job.json", job)
+                write_json_atomic(cdir / "predict_job.json", job)
                 nn.run_command([py, "-m", "medmamba.nnunet.budget", "predict", cdir / "predict_job.json"], env,
                                log=cdir / "predict.log")
             pred = json.loads(pred_file.read_text())
