@@ -146,20 +146,23 @@ def _blocked_forward(u, delta, A, B, C, delta_bias, softplus, T):
             dt, dtu, Bc, Cc = (F.pad(t, pad) for t in (dt, dtu, Bc, Cc))
         a, b, yv = a_buf[:, :, :, :ns], b_buf[:, :, :, :ns], y_buf[:, :, :, :ns]
 
-        def steps_first(t, inner):  # (batch, G, inner, ns * steps) -> (steps, batch, G, ns, inner)
-            return t.reshape(batch, groups, inner, ns, steps).permute(4, 0, 1, 3, 2)
+        def steps_first(t, inner):  # (batch, G, inner, ns * steps) -> contiguous (steps, batch, G, ns, inner)
+            return t.reshape(batch, groups, inner, ns, steps).permute(4, 0, 1, 3, 2).contiguous()
+        # the big (.., Dg, N) products read contiguous small operands (strided ones make them several times slower)
         torch.mul(steps_first(dt, dg).unsqueeze(-1), A_v, out=a)
         a.exp_()
         torch.mul(steps_first(dtu, dg).unsqueeze(-1), steps_first(Bc, dstate).unsqueeze(-2), out=b)
+        a_t, b_t = a.unbind(0), b.unbind(0)
         for t in range(1, steps):  # every sub-chunk from a zero state; a becomes the running product
-            b[t].addcmul_(a[t], b[t - 1])
-            a[t].mul_(a[t - 1])
+            b_t[t].addcmul_(a_t[t], b_t[t - 1])
+            a_t[t].mul_(a_t[t - 1])
         # states entering the sub-chunks: entering[c + 1] = prod(a over c) * entering[c] + (zero-start end of c)
         entering = torch.empty(batch, groups, ns + 1, dg, dstate, dtype=torch.float32, device=dev)
         entering[:, :, 0] = h
+        ends, decays, ent = b_t[steps - 1].unbind(2), a_t[steps - 1].unbind(2), entering.unbind(2)
         for c in range(ns):
-            torch.addcmul(b[steps - 1, :, :, c], a[steps - 1, :, :, c], entering[:, :, c], out=entering[:, :, c + 1])
-        h = entering[:, :, ns].clone()
+            torch.addcmul(ends[c], decays[c], ent[c], out=ent[c + 1])
+        h = ent[ns].clone()
         b.addcmul_(a, entering[:, :, :ns].unsqueeze(0))
         torch.matmul(b, steps_first(Cc, dstate).unsqueeze(-1), out=yv)
         yc = yv.reshape(steps, batch, groups, ns, dg).permute(1, 2, 4, 3, 0).reshape(batch, groups, dg, -1)
