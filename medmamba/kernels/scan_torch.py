@@ -170,6 +170,72 @@ def _blocked_forward(u, delta, A, B, C, delta_bias, softplus, T):
     return y, h, starts
 
 
+# Traced forward (``_traced_forward``, ONNX export): elements of one (tokens, batch, dim, N) block; fewer, larger
+# blocks give a smaller graph (the trace unrolls the loop over blocks), larger ones more memory (256 MiB each).
+_TRACED_BLOCK_ELEMENTS = 1 << 26
+
+
+def _traced_states(a, b, h0=None):
+    """The states of h_t = a_t h_{t-1} + b_t along dim 0 of (n, ...) tensors, h0 (...) the state before (None:
+    zero); out of place, for tracing. Sub-chunks of ``_FWD_STEPS`` steps are scanned from zero states (with the
+    running products of the decays), and the states entering them come from the same function applied to the
+    sub-chunk ends: log_S(n) levels of S unrolled steps, so the traced graph does not grow with n."""
+    n = a.shape[0]
+    S = _FWD_STEPS
+    if n <= S:
+        h = b[0] if h0 is None else torch.addcmul(b[0], a[0], h0)
+        hs = [h]
+        for t in range(1, n):
+            h = torch.addcmul(b[t], a[t], h)
+            hs.append(h)
+        return torch.stack(hs)
+    nc = -(-n // S)
+    rest = a.shape[1:]
+    if nc * S != n:  # pad with decay 1, input 0
+        a = torch.cat([a, torch.ones((nc * S - n, *rest), dtype=a.dtype, device=a.device)])
+        b = torch.cat([b, torch.zeros((nc * S - n, *rest), dtype=b.dtype, device=b.device)])
+    a2 = a.reshape(nc, S, *rest).transpose(0, 1)  # (S, nc, ...): step t of every sub-chunk
+    b2 = b.reshape(nc, S, *rest).transpose(0, 1)
+    h, p = b2[0], a2[0]
+    hs, ps = [h], [p]
+    for t in range(1, S):
+        h = torch.addcmul(b2[t], a2[t], h)
+        p = p * a2[t]
+        hs.append(h)
+        ps.append(p)
+    ends = _traced_states(p, h, h0)  # the true states at the sub-chunk ends
+    first = torch.zeros_like(ends[:1]) if h0 is None else h0.unsqueeze(0)
+    entering = torch.cat([first, ends[:-1]])
+    states = torch.stack(hs) + torch.stack(ps) * entering.unsqueeze(0)  # (S, nc, ...)
+    return states.transpose(0, 1).reshape(nc * S, *rest)[:n]
+
+
+def _traced_forward(u, delta, A, B, C, delta_bias, softplus):
+    """Forward without D and z for tracing (ONNX export): out-of-place ops only, outputs concatenated, no saved
+    states. Blocks of tokens laid out (tokens, batch, G, Dg, N), scanned by ``_traced_states``.
+    Returns (y float32 (batch, dim, L), last state (batch, G, Dg, N), None)."""
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    dg = dim // groups
+    block = max(1, _TRACED_BLOCK_ELEMENTS // (batch * dim * dstate))
+    A_v = A.float().reshape(groups, dg, dstate)
+    h, ys = None, []
+    for s in range(0, length, block):
+        e = min(s + block, length)
+        n = e - s
+        dt = _delta(delta[:, :, s:e], delta_bias, softplus)
+        dtu = dt * u[:, :, s:e].float()
+        dtT = dt.reshape(batch, groups, dg, n).permute(3, 0, 1, 2)  # (n, batch, G, Dg)
+        dtuT = dtu.reshape(batch, groups, dg, n).permute(3, 0, 1, 2)
+        a = torch.exp(dtT.unsqueeze(-1) * A_v)  # (n, batch, G, Dg, N)
+        b = dtuT.unsqueeze(-1) * B[..., s:e].float().permute(3, 0, 1, 2).unsqueeze(3)
+        hs = _traced_states(a, b, h)
+        ys.append(torch.matmul(hs, C[..., s:e].float().permute(3, 0, 1, 2).unsqueeze(-1)).squeeze(-1))
+        h = hs[-1]
+    y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (L, batch, G, Dg)
+    return y.permute(1, 2, 3, 0).reshape(batch, dim, length), h, None
+
+
 def _doubling_forward(u, delta, A, B, C, delta_bias, softplus, T):
     """Forward without D and z by the chunked doubling scan: (y float32 (batch, dim, L), last state (batch, G,
     Dg, N), chunk-start states or None under tracing). What runs under tracing (ONNX export: out-of-place ops
@@ -207,15 +273,18 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, method=None):
     """Forward pass: (y in u's dtype, last state, chunk-start states, chunk length).
 
     Every (batch, dim, ...) tensor is viewed as (batch, G, dim/G, ...) so that B and C, shared by a
-    group's channels, broadcast instead of being copied per channel. ``method``: "blocked" (eager default) or
-    "doubling" (always under tracing).
+    group's channels, broadcast instead of being copied per channel. ``method``: "blocked" (eager default),
+    "traced" (always under tracing; out of place) or "doubling" (the chunked doubling scan, the code before
+    ``_blocked_forward``, kept for comparison).
     """
     batch, dim, length = u.shape
     dstate = A.shape[1]
     T = chunk_length(batch, dim, dstate, length)
     traced = torch.jit.is_tracing()
-    if traced or method == "doubling":
+    if method == "doubling":
         y, h, starts = _doubling_forward(u, delta, A, B, C, delta_bias, softplus, T)
+    elif traced or method == "traced":
+        y, h, starts = _traced_forward(u, delta, A, B, C, delta_bias, softplus)
     else:
         y, h, starts = _blocked_forward(u, delta, A, B, C, delta_bias, softplus, T)
     if traced:
