@@ -71,9 +71,11 @@ def _doubling_scan(a, b, h0=None):
 def _two_level_states(a, b, h0=None):
     """The states of h_t = a_t h_{t-1} + b_t along dim -2 of (..., T, N) blocks, h0 (..., N) the state before
     (None: zero), by the two-level form of ``_blocked_forward`` on sub-chunks of ``_FWD_STEPS`` steps (strided
-    slabs here). Eager only (writes in place): b must be a fresh contiguous tensor, which it overwrites (unless
-    T is not a multiple of the sub-chunk) and returns; a is never written."""
+    slabs here; the doubling scan for N < 8). Eager only (writes in place): b must be a fresh contiguous tensor,
+    which it may overwrite; a is never written."""
     T, N = a.shape[-2], a.shape[-1]
+    if N < 8:  # slabs of N < 8 contiguous values are too thin: the doubling scan is faster there
+        return _doubling_scan(a, b, h0)[1]
     S = min(_FWD_STEPS, T)
     nc = -(-T // S)
     if nc * S != T or not b.is_contiguous():
