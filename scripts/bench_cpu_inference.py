@@ -51,10 +51,21 @@ def make_model(out: Path, net: str) -> Path:
     return model
 
 
-def timed(cmd, env) -> tuple[int, float, float]:
-    """(exit status, peak RSS in MiB, wall seconds) of ``cmd`` under /usr/bin/time."""
+def timed(cmd, env, timeout=None, max_gib=None) -> tuple[int, float, float]:
+    """(exit status, peak RSS in MiB, wall seconds) of ``cmd`` under /usr/bin/time; status 124 after ``timeout``
+    seconds; ``max_gib`` caps the process's address space (RLIMIT_AS: it fails instead of exhausting the
+    machine's memory)."""
+    def limit():
+        if max_gib:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (int(max_gib * 2**30),) * 2)
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], env=env, capture_output=True, text=True,
+                              timeout=timeout, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        return 124, float("nan"), time.perf_counter() - t0
     wall = time.perf_counter() - t0
     rss = [line for line in proc.stderr.splitlines() if line.startswith("MAXRSS")]
     if proc.returncode:
@@ -69,6 +80,9 @@ def main():
     ap.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--redo", action="store_true", help="rerun what OUT/results.json already has")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per export / predict process")
+    ap.add_argument("--export-max-gib", type=float, default=None,
+                    help="address-space cap of the export process (tracing a long scan holds a lot of memory)")
     ap.add_argument("--data", default=os.environ.get("MEDMAMBA_DATA", str(ROOT.parent / "shared" / "data")))
     args = ap.parse_args()
     out = Path(args.out)
@@ -92,9 +106,12 @@ def main():
             if rt == "onnxruntime":
                 m = out / net / "onnx"
                 if not (m / "onnx.json").exists() or args.redo:
-                    rc, rss, wall = timed([*med, "export", str(model), "--format", "onnx", str(m), "--overwrite"], env)
+                    rc, rss, wall = timed([*med, "export", str(model), "--format", "onnx", str(m), "--overwrite"], env,
+                                          args.timeout, args.export_max_gib)
                     if rc:
-                        results[key] = {"error": "export failed", "export_seconds": round(wall, 1)}
+                        why = f"timed out after {wall:.0f} s" if rc == 124 else f"exit {rc} after {wall:.0f} s"
+                        results[key] = {"error": f"export failed ({why})", "export_seconds": round(wall, 1),
+                                        "export_max_gib": args.export_max_gib}
                         (out / "results.json").write_text(json.dumps(results, indent=2))
                         print(key, results[key], flush=True)
                         continue
@@ -102,7 +119,7 @@ def main():
             pred = out / net / f"pred_{rt}"
             rc, rss, wall = timed([*med, "predict", "--model", str(m), "--input", str(inp), "--output", str(pred),
                                    "--device", "cpu", "--runtime", rt, "--no-mirroring", "--quiet", "--overwrite"],
-                                  env)
+                                  env, args.timeout)
             log = json.loads((pred / "predict_log.json").read_text()) if (pred / "predict_log.json").exists() else {}
             secs = log.get("cases", {}).get("STS_002", {}).get("seconds")
             results[key] = {"seconds": secs, "peak_rss_mib": round(rss), "process_seconds": round(wall, 1),
