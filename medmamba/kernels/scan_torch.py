@@ -191,7 +191,7 @@ def _traced_states(a, b, h0=None):
             h = torch.addcmul(b[t], a[t], h)
             hs.append(h)
         return torch.stack(hs)
-    nc = -(-n // S)
+    nc = (n + S - 1) // S  # not -(-n // S): sizes traced for ONNX floor-divide negatives towards zero
     rest = a.shape[1:]
     if nc * S != n:  # pad with decay 1, input 0
         a = torch.cat([a, torch.ones((nc * S - n, *rest), dtype=a.dtype, device=a.device)])
