@@ -10,6 +10,15 @@ kernel issue, fp32 and bf16, and writes JSON + Markdown naming the device, versi
 
 mamba_ssm is timed when ``import mamba_ssm`` works (it needs its compiled extension).
 
+``--torch-methods`` (CPU) times the PyTorch scan before and after its two-level rewrite at the scan shapes the
+registry networks run on a 56x160x160 window (``NETWORK_SHAPES``, shorter L: the cost per token is flat in L):
+"doubling" = the chunked doubling scan (forward ``scan_torch._doubling_forward``, backward states by
+``_doubling_scan``, the code before), "blocked" = the default (``_blocked_forward``, ``_two_level_states``).
+Forward without grad and forward + backward, median of ``--repeats``, ns per (channel, token) and per
+(channel, token, state); writes ``kernels_torch_methods_cpu_<threads>t.json/.md``:
+
+    OMP_NUM_THREADS=1 python scripts/bench_kernels.py --device cpu --torch-methods --threads 1 --out docs/benchmarks
+
 ``--routes`` adds a second table: the SS3D layer (``medmamba.layers.cross_scan.CrossScan``, spatial_dims=3, 6
 routes, d_model 48 -> d_inner 96, N 16, fp32) with ``fused_routes=True`` (routed scan, no gathered copies)
 and ``False`` (gather / scan / merge), forward and forward+backward (gradients of the input and every
@@ -20,6 +29,7 @@ goes into the same JSON (``route_rows``) and Markdown; ``--routes-only`` skips t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -40,6 +50,83 @@ DSTATE = 16
 # mamba_ssm 2.3.2 CUDA scan, H100, bf16 fwd+bwd (ms), from the kernel issue: the targets' baseline
 MAMBA_SSM_REFERENCE_BF16_MS = {(2, 640, 64): 0.99, (2, 512, 4096): 0.92, (2, 256, 32768): 2.75,
                                (2, 128, 262144): 10.1, (2, 64, 2097152): 68.4}
+
+
+# (batch, D, L, N, groups) of the scans in one 56x160x160 window (tests/data/bundle_sts_nnUNetPlans.json, presets
+# applied), L shortened to what a CPU times in seconds; the networks' L in the comments.
+NETWORK_SHAPES = {
+    "U-Mamba Enc / LightM-UNet full res (L 1433600)": (1, 64, 32768, 16, 1),
+    "LightM-UNet 1/2 res (L 179200)": (1, 128, 16384, 16, 1),
+    "LightM-UNet 1/8, U-Mamba Enc 1/16 (L 2800, 5600)": (1, 512, 2800, 16, 1),
+    "U-Mamba Bot bottleneck (L 175)": (1, 640, 175, 16, 1),
+    "Swin-UMamba(-D) stage 1, 6 routes (L 25600)": (1, 1152, 3200, 16, 6),
+    "VM-UNet-MHS stage 1, 16 heads (L 25600)": (1, 384, 3200, 16, 16),
+    "MSVM-UNet stage 1, N 1 (L 25600)": (1, 576, 6400, 1, 6),
+}
+
+
+@contextlib.contextmanager
+def torch_scan_method(method):
+    """Run the PyTorch scan as ``method``: "blocked" (the default) or "doubling" (the code before the rewrite)."""
+    from medmamba.kernels import scan_torch as st
+
+    saved = st._blocked_forward, st._two_level_states
+    if method == "doubling":
+        st._blocked_forward = st._doubling_forward
+        st._two_level_states = lambda a, b, h0=None: st._doubling_scan(a, b, h0)[1]
+    try:
+        yield
+    finally:
+        st._blocked_forward, st._two_level_states = saved
+
+
+def bench_torch_methods(shapes, repeats, backward=True):
+    from medmamba.kernels import selective_scan
+
+    rows = []
+    for label, (b, d, L, n, g) in shapes.items():
+        gen = torch.Generator().manual_seed(0)
+        xs = [torch.randn(b, d, L, generator=gen), torch.randn(b, d, L, generator=gen) * 0.5,
+              -(torch.rand(d, n, generator=gen) + 0.5), torch.randn(b, g, n, L, generator=gen),
+              torch.randn(b, g, n, L, generator=gen), torch.ones(d), torch.randn(b, d, L, generator=gen),
+              torch.zeros(d)]
+        for x in xs:
+            x.requires_grad_(True)
+        dy = torch.randn(b, d, L, generator=gen)
+        fn = lambda: selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True,  # noqa: E731
+                                    backend="torch")
+        row = {"label": label, "shape": [b, d, L, n, g]}
+        outs = {}
+        for method in ("doubling", "blocked"):
+            with torch_scan_method(method):
+                with torch.no_grad():
+                    outs[method] = fn()
+                    row[f"{method}_fwd_ms"] = round(timed(fn, torch.device("cpu"), repeats, warmup=1), 2)
+                if backward:
+                    row[f"{method}_fwd_bwd_ms"] = round(timed(lambda: torch.autograd.grad(fn(), xs, dy),
+                                                              torch.device("cpu"), repeats, warmup=1), 2)
+        row["max_abs_diff"] = float((outs["blocked"] - outs["doubling"]).abs().max())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def torch_methods_markdown(meta, rows):
+    lines = [f"### PyTorch selective scan before / after the two-level rewrite, {meta['device']} ({meta['date']})",
+             "", f"`{meta['command']}`; fp32, delta_softplus, D and z gate on; median of repeats; ns per (channel, "
+             "token) = time / (B D L); before = chunked doubling scan, after = two-level blocked scan.", "",
+             "| scan (network) | (B, D, L, N, G) | fwd ms before | fwd ms after | fwd ns/(ch, token) before -> after "
+             "| fwd speed-up | fwd+bwd ms before | fwd+bwd ms after | fwd+bwd speed-up |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        b, d, L, n, g = r["shape"]
+        per = lambda ms: ms * 1e6 / (b * d * L)  # noqa: E731
+        fb0, fb1 = r.get("doubling_fwd_bwd_ms"), r.get("blocked_fwd_bwd_ms")
+        lines.append(f"| {r['label']} | ({b}, {d}, {L}, {n}, {g}) | {r['doubling_fwd_ms']} | {r['blocked_fwd_ms']} | "
+                     f"{per(r['doubling_fwd_ms']):.0f} -> {per(r['blocked_fwd_ms']):.0f} | "
+                     f"{r['doubling_fwd_ms'] / r['blocked_fwd_ms']:.1f}x | {fb0 if fb0 else '-'} | "
+                     f"{fb1 if fb1 else '-'} | {f'{fb0 / fb1:.1f}x' if fb0 and fb1 else '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def make_inputs(shape, dtype, device):
@@ -241,7 +328,29 @@ def main():
     p.add_argument("--route-sizes", nargs="+", type=int, default=None,
                    help="cube edges for --routes (default 32 64 128 on GPU, 8 16 on CPU)")
     p.add_argument("--route-batch", type=int, default=1)
+    p.add_argument("--torch-methods", action="store_true",
+                   help="CPU: the PyTorch scan before/after its two-level rewrite at the networks' scan shapes only")
+    p.add_argument("--no-backward", action="store_true", help="--torch-methods: forward only")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.torch_methods:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+               f"{torch.get_num_threads()} threads)"
+        meta = {"device": name, "date": datetime.date.today().isoformat(), "versions": versions(),
+                "command": "python " + " ".join(sys.argv), "python": platform.python_version()}
+        rows = bench_torch_methods(NETWORK_SHAPES, args.repeats, backward=not args.no_backward)
+        md = torch_methods_markdown(meta, rows)
+        print(md)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            stem = os.path.join(args.out, f"kernels_torch_methods_cpu_{torch.get_num_threads()}t")
+            with open(stem + ".json", "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            with open(stem + ".md", "w") as f:
+                f.write(md)
+        return
     args.routes = args.routes or args.routes_only
     device = torch.device(args.device)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else \

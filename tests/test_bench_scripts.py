@@ -114,3 +114,29 @@ def test_bench_all_cpu_tiny(tmp_path, one_thread):
     assert "bench_all.py" in kernels["meta"]["via"]
     nets = json.loads((tmp_path / "networks_cpu.json").read_text())
     assert "bench_all.py" in nets["meta"]["command"] and nets["rows"][0]["network"] == "umamba_bot"
+
+
+def test_bench_kernels_torch_methods_tiny(one_thread):
+    """bench_kernels.py --torch-methods: before (doubling) and after (blocked) agree, rows and table written;
+    the doubling scan is patched back out afterwards."""
+    import bench_kernels
+    from medmamba.kernels import scan_torch
+
+    blocked = scan_torch._blocked_forward
+    rows = bench_kernels.bench_torch_methods({"tiny": (1, 8, 100, 4, 2), "tiny N1": (1, 6, 50, 1, 3)}, repeats=1)
+    assert scan_torch._blocked_forward is blocked
+    assert len(rows) == 2 and all(r["max_abs_diff"] < 1e-4 for r in rows)
+    assert {"doubling_fwd_ms", "blocked_fwd_ms", "doubling_fwd_bwd_ms", "blocked_fwd_bwd_ms"} <= set(rows[0])
+    md = bench_kernels.torch_methods_markdown({"device": "cpu", "date": "today", "command": "pytest"}, rows)
+    assert md.count("\n| tiny") == 2
+
+
+def test_bench_cpu_inference_table():
+    import bench_cpu_inference
+
+    results = {"plain/torch": {"seconds": 10.0, "peak_rss_mib": 2000},
+               "umamba_bot/torch": {"seconds": 17.0, "peak_rss_mib": 2500},
+               "umamba_bot/onnxruntime": {"error": "export failed"}, "umamba_bot/export": {"seconds": 5.0}}
+    md = bench_cpu_inference.table(results)
+    assert "| U-Mamba Bot | PyTorch eager | 17.0 | 1.70 | 2500 |" in md
+    assert "export failed" in md

@@ -87,6 +87,47 @@ def test_torch_backend_many_chunks(monkeypatch):
     assert_matches_reference(make_inputs(2, 3, 333, 4, seed=3), True, torch.float32, backend="torch")
 
 
+@pytest.mark.parametrize("steps,slab,block", [(4, 2 * 6 * 4 * 4, 64), (8, 1, 1 << 21), (16, 1 << 16, 1 << 21)])
+@pytest.mark.parametrize("shape", [(2, 6, 333, 4, 3), (1, 5, 97, 16, None), (1, 4, 3, 2, None)])
+def test_torch_blocked_forward_sub_chunks(monkeypatch, steps, slab, block, shape):
+    """The eager forward's blocks of sub-chunks (several blocks, several sub-chunks per block, a padded last
+    block, groups, fewer steps than one sub-chunk) against the reference, forward and gradients (the backward
+    starts from the forward's saved chunk states, here at chunk length 16 when block is 64)."""
+    monkeypatch.setattr(scan_torch, "_FWD_STEPS", steps)
+    monkeypatch.setattr(scan_torch, "_FWD_SLAB", slab)
+    monkeypatch.setattr(scan_torch, "_BLOCK_ELEMENTS", block)
+    b, d, L, n, g = shape
+    assert_matches_reference(make_inputs(b, d, L, n, g, seed=5), True, torch.float32, backend="torch")
+
+
+def test_torch_forward_methods_agree():
+    xs = [x.detach() for x in make_inputs(2, 6, 1000, 16, 2, seed=6)]
+    ya, ha, sa, _ = scan_torch._scan_forward(*xs, True, method="doubling")
+    yb, hb, sb, _ = scan_torch._scan_forward(*xs, True)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hb, ha, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sb, sa, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps,block", [(4, 2 * 6 * 4 * 50), (16, 1 << 26), (3, 1)])
+@pytest.mark.parametrize("shape", [(2, 6, 333, 4, 3), (1, 5, 97, 16, None), (1, 4, 3, 2, None)])
+def test_torch_traced_forward(monkeypatch, steps, block, shape):
+    """The forward recorded under tracing (ONNX export): several levels of sub-chunks, padding, several blocks,
+    groups; against the reference."""
+    monkeypatch.setattr(scan_torch, "_FWD_STEPS", steps)
+    monkeypatch.setattr(scan_torch, "_TRACED_BLOCK_ELEMENTS", block)
+    b, d, L, n, g = shape
+    xs = [x.detach() if x is not None else None for x in make_inputs(b, d, L, n, g, seed=7)]
+    if g is None:
+        xs[3], xs[4] = xs[3].unsqueeze(1), xs[4].unsqueeze(1)
+    y, last, starts, _ = scan_torch._scan_forward(*xs, True, method="traced")
+    y_ref, last_ref = selective_scan_ref(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True,
+                                         return_last_state=True)
+    assert starts is None
+    torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
+
+
 def test_torch_backend_long_sequence():
     # longer than one 2048-step chunk, strongly decaying and slowly decaying channels alike
     xs = make_inputs(1, 2, 5000, 16, seed=4)

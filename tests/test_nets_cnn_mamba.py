@@ -201,16 +201,21 @@ def _dtype_probe(module, seen):
 
 
 @pytest.mark.parametrize("layer", [MambaLayer(8), RVMLayer(8, 4)])
-def test_mamba_runs_fp32_under_autocast(layer):
-    seen, proj = [], []
+def test_mamba_runs_fp32_under_autocast(layer, monkeypatch):
+    import medmamba.layers.mamba as mamba_module
+
+    seen, scan_inputs = [], []
+    real_scan = mamba_module.selective_scan
+    monkeypatch.setattr(mamba_module, "selective_scan",
+                        lambda u, delta, *a, **k: scan_inputs.append((u.dtype, delta.dtype)) or real_scan(u, delta, *a, **k))
     h1 = _dtype_probe(layer.mamba, seen)
-    h2 = _dtype_probe(layer.mamba.in_proj, proj)
     x = torch.randn(2, 8, 4, 6, 6, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    h1.remove(), h2.remove()
+    h1.remove()
     assert seen == [(torch.float32, torch.float32)]
-    assert proj == [(torch.float32, torch.float32)]  # autocast would have made this Linear bf16
+    # the in-projection (weight @ x) and dt projection: autocast would have made them bf16
+    assert scan_inputs == [(torch.float32, torch.float32)]
     assert y.dtype == torch.bfloat16 and y.shape[2:] == x.shape[2:]
 
 

@@ -199,7 +199,21 @@ def export_onnx(model: str, out: str, opset: int = DEFAULT_OPSET, folds=None,
     return info
 
 
+def _mmap_large_allocations(threshold: int = 1 << 16) -> bool:
+    """glibc only: serve allocations above ``threshold`` bytes by mmap, so memory freed while tracing goes back to
+    the system. Tracing a long scan interleaves the tracer's small allocations with the scan's large temporaries
+    and fragments the heap: tracing one (64 channels x 524,288 tokens) scan grew by 1.75 GiB instead of 0.8 GiB.
+    Process-wide and permanent, hence only in the ``medmamba export`` command."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def cmd_export(args) -> int:
+    _mmap_large_allocations()
     try:
         info = export_onnx(args.model, args.out, opset=args.opset, folds=args.folds, checkpoint=args.checkpoint,
                            overwrite=args.overwrite, log=lambda m: print(m, flush=True))

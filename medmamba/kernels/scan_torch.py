@@ -6,6 +6,14 @@ pairs (a, b): log2(T) element-wise passes, every multiplier a product of decays 
 is ever positive and nothing divides by a cumulative decay. Chunks are visited in order carrying the
 state, which bounds memory by one (batch, dim, T, N) block instead of (batch, dim, L, N).
 
+Eager forward (``_blocked_forward``; not under tracing) uses a cheaper two-level form instead of the doubling
+scan, which reads and writes its (.., T, N) block log2(T) times: a block of ``n_sub * steps`` tokens is laid
+out (steps, batch, G, n_sub, Dg, N), so that step t of all n_sub sub-chunks is one contiguous slab. Every
+sub-chunk is scanned from a zero state by ``steps`` fused slab updates (h_t = a_t h_{t-1} + b_t, and in the same
+sweep the running product of the decays); the states entering the sub-chunks are then carried across them
+(n_sub small updates) and added back as (product of decays) x (entering state); y = C . h is one batched matmul.
+About seven passes over the block instead of 2 log2(T) + 3, all multipliers still products of decays <= 1.
+
 Backward is hand-written: the state at every chunk start is saved (batch, dim, L/T, N), each chunk's
 states are recomputed from it, and the adjoint recurrence dh_t = C_t dy_t + a_{t+1} dh_{t+1} is
 solved by the same doubling scan run backwards.
@@ -23,6 +31,13 @@ def chunk_length(batch: int, dim: int, dstate: int, length: int) -> int:
     t = int(_BLOCK_ELEMENTS // max(1, int(batch) * int(dim) * int(dstate)))  # ints also when traced
     t = 1 << max(4, min(11, t.bit_length() - 1))  # power of two in [16, 2048]
     return max(1, min(t, length))
+
+
+# Eager forward (``_blocked_forward``): sequential steps per sub-chunk and elements per slab (one step of all
+# sub-chunks of a block); chosen by timing the networks' scan shapes on one CPU core (scripts/bench_kernels.py
+# --cpu-scan-sweep).
+_FWD_STEPS = 16
+_FWD_SLAB = 1 << 16
 
 
 def _doubling_scan(a, b, h0=None):
@@ -53,6 +68,34 @@ def _doubling_scan(a, b, h0=None):
     return a, b
 
 
+def _two_level_states(a, b, h0=None):
+    """The states of h_t = a_t h_{t-1} + b_t along dim -2 of (..., T, N) blocks, h0 (..., N) the state before
+    (None: zero), by the two-level form of ``_blocked_forward`` on sub-chunks of ``_FWD_STEPS`` steps (strided
+    slabs here; the doubling scan for N < 8). Eager only (writes in place): b must be a fresh contiguous tensor,
+    which it may overwrite; a is never written."""
+    T, N = a.shape[-2], a.shape[-1]
+    if N < 8:  # slabs of N < 8 contiguous values are too thin: the doubling scan is faster there
+        return _doubling_scan(a, b, h0)[1]
+    S = min(_FWD_STEPS, T)
+    nc = -(-T // S)
+    if nc * S != T or not b.is_contiguous():
+        pad = (0, 0, 0, nc * S - T)
+        a, b = F.pad(a, pad, value=1.0), F.pad(b, pad)
+    lead = a.shape[:-2]
+    a4, b4 = a.reshape(*lead, nc, S, N), b.view(*lead, nc, S, N)
+    p = torch.empty_like(b4)  # running products of the decays inside each sub-chunk
+    p[..., 0, :] = a4[..., 0, :]
+    for t in range(1, S):
+        b4[..., t, :].addcmul_(a4[..., t, :], b4[..., t - 1, :])
+        torch.mul(a4[..., t, :], p[..., t - 1, :], out=p[..., t, :])
+    entering = torch.empty(*lead, nc + 1, N, dtype=b.dtype, device=b.device)
+    entering[..., 0, :] = 0 if h0 is None else h0
+    for c in range(nc):
+        torch.addcmul(b4[..., c, S - 1, :], p[..., c, S - 1, :], entering[..., c, :], out=entering[..., c + 1, :])
+    b4.addcmul_(p, entering[..., :nc, None, :])
+    return b4.view(*lead, nc * S, N)[..., :T, :]
+
+
 def _group_view(x, groups):
     """(batch, dim, ...) -> (batch, G, dim/G, ...) without copying."""
     return x.reshape(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
@@ -70,18 +113,139 @@ def _delta(delta, delta_bias, softplus):
     return F.softplus(dt) if softplus else dt
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus):
-    """Forward pass: (y in u's dtype, last state, chunk-start states, chunk length).
-
-    Every (batch, dim, ...) tensor is viewed as (batch, G, dim/G, ...) so that B and C, shared by a
-    group's channels, broadcast instead of being copied per channel.
-    """
+def _blocked_forward(u, delta, A, B, C, delta_bias, softplus, T):
+    """Eager forward without D and z: (y float32 (batch, dim, L), last state (batch, G, Dg, N), the states at
+    the backward's chunk starts (batch, G, Dg, ceil(L / T), N)). See the module docstring."""
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
-    T = chunk_length(batch, dim, dstate, length)
+    dg = dim // groups
+    steps = max(1, min(_FWD_STEPS, length))
+    per_step = batch * dim * dstate  # elements of one sub-chunk step
+    n_sub = max(1, _FWD_SLAB // per_step)
+    if T >= steps:  # every backward chunk start (a multiple of T) must be a block start
+        n_sub = min(n_sub, T // steps)
+    n_sub = 1 << (n_sub.bit_length() - 1)  # with T and steps powers of two, n_sub * steps divides T
+    block = n_sub * steps
+    dev = u.device
+    A_v = A.float().reshape(1, groups, 1, dg, dstate)
+    y = torch.empty(batch, dim, length, dtype=torch.float32, device=dev)
+    starts = torch.empty(batch, groups, dg, -(-length // T), dstate, dtype=torch.float32, device=dev)
+    a_buf = torch.empty(steps, batch, groups, n_sub, dg, dstate, dtype=torch.float32, device=dev)
+    b_buf = torch.empty_like(a_buf)
+    y_buf = torch.empty(steps, batch, groups, n_sub, dg, 1, dtype=torch.float32, device=dev)
+    h = torch.zeros(batch, groups, dg, dstate, dtype=torch.float32, device=dev)
+    for s in range(0, length, block):
+        e = min(s + block, length)
+        if s % T == 0:
+            starts[:, :, :, s // T] = h
+        dt = _delta(delta[:, :, s:e], delta_bias, softplus)
+        dtu = dt * u[:, :, s:e].float()
+        Bc, Cc = B[..., s:e].float(), C[..., s:e].float()
+        ns = n_sub
+        if e - s < block:  # last block: pad to whole sub-chunks with dt = 0 (decay 1, input 0: the state carries)
+            ns = -(-(e - s) // steps)
+            pad = (0, ns * steps - (e - s))
+            dt, dtu, Bc, Cc = (F.pad(t, pad) for t in (dt, dtu, Bc, Cc))
+        a, b, yv = a_buf[:, :, :, :ns], b_buf[:, :, :, :ns], y_buf[:, :, :, :ns]
+
+        def steps_first(t, inner):  # (batch, G, inner, ns * steps) -> contiguous (steps, batch, G, ns, inner)
+            return t.reshape(batch, groups, inner, ns, steps).permute(4, 0, 1, 3, 2).contiguous()
+        # the big (.., Dg, N) products read contiguous small operands (strided ones make them several times slower)
+        torch.mul(steps_first(dt, dg).unsqueeze(-1), A_v, out=a)
+        a.exp_()
+        torch.mul(steps_first(dtu, dg).unsqueeze(-1), steps_first(Bc, dstate).unsqueeze(-2), out=b)
+        a_t, b_t = a.unbind(0), b.unbind(0)
+        for t in range(1, steps):  # every sub-chunk from a zero state; a becomes the running product
+            b_t[t].addcmul_(a_t[t], b_t[t - 1])
+            a_t[t].mul_(a_t[t - 1])
+        # states entering the sub-chunks: entering[c + 1] = prod(a over c) * entering[c] + (zero-start end of c)
+        entering = torch.empty(batch, groups, ns + 1, dg, dstate, dtype=torch.float32, device=dev)
+        entering[:, :, 0] = h
+        ends, decays, ent = b_t[steps - 1].unbind(2), a_t[steps - 1].unbind(2), entering.unbind(2)
+        for c in range(ns):
+            torch.addcmul(ends[c], decays[c], ent[c], out=ent[c + 1])
+        h = ent[ns].clone()
+        b.addcmul_(a, entering[:, :, :ns].unsqueeze(0))
+        torch.matmul(b, steps_first(Cc, dstate).unsqueeze(-1), out=yv)
+        yc = yv.reshape(steps, batch, groups, ns, dg).permute(1, 2, 4, 3, 0).reshape(batch, groups, dg, -1)
+        _group_view(y, groups)[..., s:e] = yc[..., :e - s]
+    return y, h, starts
+
+
+# Traced forward (``_traced_forward``, ONNX export): elements of one (tokens, batch, dim, N) block; fewer, larger
+# blocks give a smaller graph (the trace unrolls the loop over blocks), larger ones more memory (256 MiB each).
+_TRACED_BLOCK_ELEMENTS = 1 << 26
+
+
+def _traced_states(a, b, h0=None):
+    """The states of h_t = a_t h_{t-1} + b_t along dim 0 of (n, ...) tensors, h0 (...) the state before (None:
+    zero); out of place, for tracing. Sub-chunks of ``_FWD_STEPS`` steps are scanned from zero states (with the
+    running products of the decays), and the states entering them come from the same function applied to the
+    sub-chunk ends: log_S(n) levels of S unrolled steps, so the traced graph does not grow with n."""
+    n = a.shape[0]
+    S = _FWD_STEPS
+    if n <= S:
+        h = b[0] if h0 is None else torch.addcmul(b[0], a[0], h0)
+        hs = [h]
+        for t in range(1, n):
+            h = torch.addcmul(b[t], a[t], h)
+            hs.append(h)
+        return torch.stack(hs)
+    nc = (n + S - 1) // S  # not -(-n // S): sizes traced for ONNX floor-divide negatives towards zero
+    rest = a.shape[1:]
+    if nc * S != n:  # pad with decay 1, input 0
+        a = torch.cat([a, torch.ones((nc * S - n, *rest), dtype=a.dtype, device=a.device)])
+        b = torch.cat([b, torch.zeros((nc * S - n, *rest), dtype=b.dtype, device=b.device)])
+    a2 = a.reshape(nc, S, *rest).transpose(0, 1)  # (S, nc, ...): step t of every sub-chunk
+    b2 = b.reshape(nc, S, *rest).transpose(0, 1)
+    h, p = b2[0], a2[0]
+    hs, ps = [h], [p]
+    for t in range(1, S):
+        h = torch.addcmul(b2[t], a2[t], h)
+        p = p * a2[t]
+        hs.append(h)
+        ps.append(p)
+    ends = _traced_states(p, h, h0)  # the true states at the sub-chunk ends
+    first = torch.zeros_like(ends[:1]) if h0 is None else h0.unsqueeze(0)
+    entering = torch.cat([first, ends[:-1]])
+    states = torch.stack(hs) + torch.stack(ps) * entering.unsqueeze(0)  # (S, nc, ...)
+    return states.transpose(0, 1).reshape(nc * S, *rest)[:n]
+
+
+def _traced_forward(u, delta, A, B, C, delta_bias, softplus):
+    """Forward without D and z for tracing (ONNX export): out-of-place ops only, outputs concatenated, no saved
+    states. Blocks of tokens laid out (tokens, batch, G, Dg, N), scanned by ``_traced_states``.
+    Returns (y float32 (batch, dim, L), last state (batch, G, Dg, N), None)."""
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    dg = dim // groups
+    block = max(1, _TRACED_BLOCK_ELEMENTS // (batch * dim * dstate))
+    A_v = A.float().reshape(groups, dg, dstate)
+    h, ys = None, []
+    for s in range(0, length, block):
+        e = min(s + block, length)
+        n = e - s
+        dt = _delta(delta[:, :, s:e], delta_bias, softplus)
+        dtu = dt * u[:, :, s:e].float()
+        dtT = dt.reshape(batch, groups, dg, n).permute(3, 0, 1, 2)  # (n, batch, G, Dg)
+        dtuT = dtu.reshape(batch, groups, dg, n).permute(3, 0, 1, 2)
+        a = torch.exp(dtT.unsqueeze(-1) * A_v)  # (n, batch, G, Dg, N)
+        b = dtuT.unsqueeze(-1) * B[..., s:e].float().permute(3, 0, 1, 2).unsqueeze(3)
+        hs = _traced_states(a, b, h)
+        ys.append(torch.matmul(hs, C[..., s:e].float().permute(3, 0, 1, 2).unsqueeze(-1)).squeeze(-1))
+        h = hs[-1]
+    y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (L, batch, G, Dg)
+    return y.permute(1, 2, 3, 0).reshape(batch, dim, length), h, None
+
+
+def _doubling_forward(u, delta, A, B, C, delta_bias, softplus, T):
+    """Forward without D and z by the chunked doubling scan: (y float32 (batch, dim, L), last state (batch, G,
+    Dg, N), chunk-start states or None under tracing). What runs under tracing (ONNX export: out-of-place ops
+    only, chunk outputs concatenated, no saved states; ONNX's exporter does not follow writes into views of an
+    empty tensor); in eager mode, the pre-``_blocked_forward`` path, kept for comparison (bench_kernels.py)."""
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
     A32 = _group_view(A.float()[None], groups)[:, :, :, None, :]  # (1, G, Dg, 1, N)
-    # Traced (TorchScript / ONNX export, inference): out-of-place ops only, chunk outputs concatenated and no
-    # saved states; ONNX's exporter does not follow writes into views of an empty tensor.
     traced = torch.jit.is_tracing()
     n_chunks = (length + T - 1) // T
     starts = None if traced else \
@@ -104,6 +268,28 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus):
         h = hs[..., -1, :]
     if traced:
         y = (torch.cat(ys, -1) if len(ys) > 1 else ys[0]).reshape(batch, dim, length)
+    return y, h, starts
+
+
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, method=None):
+    """Forward pass: (y in u's dtype, last state, chunk-start states, chunk length).
+
+    Every (batch, dim, ...) tensor is viewed as (batch, G, dim/G, ...) so that B and C, shared by a
+    group's channels, broadcast instead of being copied per channel. ``method``: "blocked" (eager default),
+    "traced" (always under tracing; out of place) or "doubling" (the chunked doubling scan, the code before
+    ``_blocked_forward``, kept for comparison).
+    """
+    batch, dim, length = u.shape
+    dstate = A.shape[1]
+    T = chunk_length(batch, dim, dstate, length)
+    traced = torch.jit.is_tracing()
+    if method == "doubling":
+        y, h, starts = _doubling_forward(u, delta, A, B, C, delta_bias, softplus, T)
+    elif traced or method == "traced":
+        y, h, starts = _traced_forward(u, delta, A, B, C, delta_bias, softplus)
+    else:
+        y, h, starts = _blocked_forward(u, delta, A, B, C, delta_bias, softplus, T)
+    if traced:
         if D is not None:
             y = y + D.float()[:, None] * u.float()
         if z is not None:
@@ -144,7 +330,7 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, sof
         Bc, Cc = _bc_chunk(B, s, e), _bc_chunk(C, s, e)
         dtu = gv(dt * uc).unsqueeze(-1)
         h0 = starts[:, :, :, c]
-        _, hs = _doubling_scan(a, dtu * Bc, h0)
+        hs = _two_level_states(a, dtu * Bc, h0)
         g = dout[:, :, s:e]
         if z is not None:
             zc = z[:, :, s:e].float()
@@ -159,7 +345,7 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, starts, dout, dlast, sof
         gg = gv(g).unsqueeze(-1)
         # adjoint scan, run backwards: dh_t = C_t g_t + a_{t+1} dh_{t+1}
         a_next = torch.cat([a[..., 1:, :], torch.ones_like(a[..., :1, :])], -2)
-        _, dh = _doubling_scan(a_next.flip(-2), (Cc * gg).flip(-2), carry)
+        dh = _two_level_states(a_next.flip(-2), (Cc * gg).flip(-2), carry)
         dh = dh.flip(-2)
         carry = a[..., 0, :] * dh[..., 0, :]
         h_prev = torch.cat([h0.unsqueeze(-2), hs[..., :-1, :]], -2)

@@ -78,8 +78,8 @@ class ResidualBlock(nn.Module):
             y = self.dropout(y)
         y = self.act1(self.norm1(y))
         y = self.norm2(self.conv2(y))
-        shortcut = self.conv3(x) if self.conv3 is not None else x
-        return self.act2(y + shortcut)
+        y += self.conv3(x) if self.conv3 is not None else x  # in place, as BasicBlockD (the norm keeps no output)
+        return self.act2(y)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Voxels x channels of the block's feature maps (nnU-Net's VRAM proxy)."""

@@ -30,6 +30,15 @@ def fp32_region(x: torch.Tensor):
         yield
 
 
+def _weight_at(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) @ x (batch, in, L) -> contiguous (batch, out, L), x row- or column-major per batch.
+
+    ``torch.matmul`` would fold the batch into one mm of x's transpose and hand back a transposed view, whose
+    copy into the channel-major layout costs several times the product on a CPU; ``bmm`` reads either layout.
+    """
+    return torch.bmm(weight.unsqueeze(0).expand(x.shape[0], -1, -1), x)
+
+
 class Mamba(nn.Module):
     """Selective state-space block: (batch, L, d_model) -> (batch, L, d_model).
 
@@ -90,15 +99,23 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba: expected input (batch, L, d_model={self.d_model}), "
                              f"got shape {tuple(hidden_states.shape)}")
         batch, length, _ = hidden_states.shape
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2*d_inner, L)
+        # Channel-major (batch, channels, L) throughout, as mamba_ssm's reference path (weight @ x): the
+        # d_inner-wide tensors are produced in the layout the scan and the depthwise conv read, never transposed
+        # and copied (on a CPU those strided copies and a strided conv1d cost as much as the scan itself).
+        xz = _weight_at(self.in_proj.weight, hidden_states.transpose(1, 2))  # (batch, 2*d_inner, L)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
         x, z = xz.chunk(2, dim=1)
         x = self.act(self.conv1d(x)[..., :length])
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias is added inside the scan
+        dt = _weight_at(self.dt_proj.weight, dt.transpose(1, 2))  # (batch, d_inner, L); bias added in the scan
         A = -torch.exp(self.A_log.float())
         dtype = x.dtype
         y = selective_scan(x.contiguous(), dt.to(dtype).contiguous(), A, B.transpose(1, 2).to(dtype).contiguous(),
                            C.transpose(1, 2).to(dtype).contiguous(), self.D.float(), z=z.to(dtype).contiguous(),
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend)
-        return self.out_proj(y.transpose(1, 2))
+        out = _weight_at(self.out_proj.weight, y)  # (batch, d_model, L)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias[:, None]
+        return out.transpose(1, 2)  # (batch, L, d_model), a view of the channel-major result
