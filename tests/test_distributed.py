@@ -211,11 +211,19 @@ def test_convert_sync_batchnorm_keeps_state_dict():
     torch.testing.assert_close(conv[:2](x), ref(x))
 
 
+# Swin-UMamba's fp32 gradient at this shape is itself 1.9e-4 (relative) from a float64 evaluation of the same
+# network, one process, batch 2: the UNETR blocks' InstanceNorms amplify rounding, and the conv weight gradients
+# of the decoder carry most of it. Batch 1 + 1 (what DDP computes) reorders that rounding: DDP vs one process was
+# 1.8e-4 apart while both scans (the blocked CPU scan and the doubling scan before it) are 1e-7 from float64 at
+# the scan's own shapes. A DDP defect (a gradient not averaged, a bucket missed) is O(1).
+TOLERANCE = {"swin_umamba": 5e-4}
+
+
 def test_ddp_step_of_every_network_matches_one_process(tmp_path):
     r = _run("check_networks", tmp_path)
     assert set(r) == set(medmamba.nets.available()) | {"umamba_bot_compiled"}
     for name, v in r.items():
-        assert v["rel"] < 1e-4, (name, v)
+        assert v["rel"] < TOLERANCE.get(name, 1e-4), (name, v)
     assert r["msvm_unet"]["has_bn"]
 
 
