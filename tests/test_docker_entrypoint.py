@@ -89,11 +89,18 @@ def test_hadolint_dockerfile():
 
 def test_dockerfile_contract():
     text = open(DOCKERFILE).read()
-    assert "FROM ${CUDA_IMAGE}" in text and "nvidia/cuda:" in text and "-runtime-" in text
-    assert "COPY dist/medmamba-*.whl" in text
+    # Python 3.11, the version constraints/ci.txt is frozen on, and the wheel installed under those constraints
+    assert "ARG PYTHON_IMAGE=python:3.11-" in text and "FROM ${PYTHON_IMAGE}" in text
+    assert "Python 3.11" in open(os.path.join(REPO, "constraints", "ci.txt")).read()
+    assert "COPY dist/medmamba-*.whl" in text and "-c /tmp/wheels/constraints.txt" in text
+    assert "COPY constraints/ci.txt" in text
     assert "USER 1000:1000" in text and 'ENTRYPOINT ["/usr/local/bin/medmamba-entrypoint"]' in text
-    for compiler in ("build-essential", "gcc", "g++", "clang"):
-        assert f" {compiler}" not in text.split("COPY dist")[0].split("apt-get install")[-1]
+    # the only compiler is gcc for Triton's launcher, and only with WITH_CC=1 (the default)
+    install = text.split("COPY dist")[0].split("apt-get install")[-1].split("\n")[0]
+    assert 'if [ "$WITH_CC" = "1" ]' in text and "gcc libc6-dev" in install
+    for compiler in ("build-essential", "g++", "clang"):
+        assert f" {compiler}" not in install
+    assert "ARG WITH_CC=1" in text
     assert os.access(ENTRYPOINT, os.X_OK)
 
 

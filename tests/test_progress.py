@@ -35,6 +35,12 @@ def test_epoch_lines_text_and_json():
     assert "ETA 0m40s" in lines[1]           # 2 left x mean(30, 10)
     assert prog.epochs[1]["pseudo_dice"] == [0.6]
 
+    out = io.StringIO()  # compare --no-fold-validation: nnU-Net still prints "Training done."
+    prog = EpochProgress(stream=out, final_validation=False)
+    for line in LOG.splitlines():
+        prog(line)
+    assert len(out.getvalue().splitlines()) == 2 and "final validation" not in out.getvalue()
+
     out = io.StringIO()
     prog = EpochProgress(stream=out, json_lines=True)
     for line in LOG.splitlines():

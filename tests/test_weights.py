@@ -1289,3 +1289,40 @@ def test_vmamba_imagenet_weights_into_swin_umamba_d():
     assert all(torch.equal(c1.state_dict[k], seeded[k]) for k in seeded if k.startswith(("encoder.patch_embed.", "decoder.")))
     c3 = convert("vmamba", {"model": sd}, "swin_umamba_d", spatial_dims=3, net_kwargs=kw, in_channels=3)
     nets.create("swin_umamba_d", 3, 2, 3, **c3.net_kwargs).load_state_dict(c3.state_dict, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3 -> 1 input channels: the official MSVM-UNet / VM-UNet forwards repeat a 1-channel image to 3 channels;
+# summing the input weights computes the same on the 1-channel image (convolutions are linear in the input)
+# ------------------------------------------------------------------------------------------------
+
+def test_three_channel_checkpoints_fold_to_one_input_channel(tmp_path):
+    g = torch.Generator().manual_seed(21)
+    img = torch.randn(1, 1, 32, 32, generator=g)
+    msvm = _official_state2(official_msvm_unet_keys(3, 2, [8, 16], [1, 1], [1]), g)
+    vmu = _official_state2(official_vm_unet_keys(3, 2, [8, 16], [1, 1], [1, 1]), g)
+    for source, sd, official in [
+            ("msvm_unet", msvm, lambda x: official_msvm_unet_forward(x, msvm, [1, 1], [1])),
+            ("vm_unet", vmu, lambda x: official_vm_unet_forward(x, vmu, [1, 1], [1, 1]))]:
+        arch = "msvm_unet" if source == "msvm_unet" else "vm_unet_mhs"
+        assert convert(source, sd, arch, net_kwargs={"drop_path_rate": 0.0}).in_channels == 3  # default: kept
+        conv = convert(source, sd, arch, net_kwargs={"drop_path_rate": 0.0}, in_channels=1)
+        assert conv.in_channels == 1 and any("folded 3 -> 1" in n for n in conv.notes)
+        net = nets.create(arch, 1, 2, 2, **conv.net_kwargs).eval()
+        net.load_state_dict(conv.state_dict, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(net(img), official(img.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
+        with pytest.raises(CheckpointError, match="--in-channels 2 cannot be made"):
+            convert(source, sd, arch, in_channels=2)
+    # 3D inflation and folding together, and through the CLI (what nnUNetv2_train -pretrained_weights reads)
+    ckpt = tmp_path / "msvm.pth"
+    torch.save({"model": msvm}, ckpt)
+    out = tmp_path / "msvm_1ch_3d.pth"
+    res = subprocess.run([sys.executable, "-m", "medmamba", "weights", "import", "--from", "msvm_unet", str(ckpt),
+                          "--arch", "msvm_unet", "--spatial-dims", "3", "--in-channels", "1", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "3D, 1 -> 2 channels" in res.stdout and "folded 3 -> 1" in res.stdout
+    saved = torch.load(out, weights_only=False)
+    net = nets.create("msvm_unet", 1, 2, 3, **saved["medmamba_weights"]["net_kwargs"])
+    net.load_state_dict(saved["network_weights"], strict=True)

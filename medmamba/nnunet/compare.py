@@ -469,7 +469,8 @@ def run_compare(dataset: str, contenders: list[str], out: str, *, test: str | No
                        "time_limit": bud.time_limit, "mirroring": mirroring, "final_validation": final_validation,
                        "result": str(train_file)}
                 write_json_atomic(cdir / "train_job.json", job)
-                progress = EpochProgress(total=bud.epochs, stream=sys.stdout if epoch_lines else None)
+                progress = EpochProgress(total=bud.epochs, stream=sys.stdout if epoch_lines else None,
+                                         final_validation=final_validation)
                 nn.run_command([py, "-m", "medmamba.nnunet.budget", "train", cdir / "train_job.json"], env,
                                log=cdir / "train.log", on_line=progress)
             train = json.loads(train_file.read_text())

@@ -42,8 +42,10 @@ class EpochProgress:
     nothing but still collects :attr:`epochs`.
     """
 
-    def __init__(self, total: int | None = None, stream=sys.stdout, json_lines: bool = False, prefix: str = "      "):
+    def __init__(self, total: int | None = None, stream=sys.stdout, json_lines: bool = False, prefix: str = "      ",
+                 final_validation: bool = True):
         self.total, self.stream, self.json_lines, self.prefix = total, stream, json_lines, prefix
+        self.final_validation = final_validation  # False: "Training done." is the end (no validation line)
         self.epochs: list[dict] = []
         self._cur: dict = {}
         self._start = time.perf_counter()
@@ -63,7 +65,7 @@ class EpochProgress:
         elif (m := _PATTERNS["epoch_time"].search(line)) and "epoch" in self._cur:
             self._cur["epoch_seconds"] = float(m.group(1))
             self._finish()
-        elif "Training done." in line and self.stream is not None and not self.json_lines:
+        elif "Training done." in line and self.final_validation and self.stream is not None and not self.json_lines:
             # nnU-Net then predicts its validation cases: minutes without epoch lines on a CPU
             self.stream.write(self.prefix + "training done; nnU-Net's final validation of the fold ...\n")
             self.stream.flush()

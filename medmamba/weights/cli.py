@@ -36,8 +36,11 @@ def add_parser(sub) -> None:
     q.add_argument("--inflate", choices=("average", "centre"), default="average",
                    help="2D -> 3D rule for odd conv kernels (default average)")
     q.add_argument("--net-kwargs", default="{}", help="JSON keywords for our network (e.g. strides, patch_size)")
-    q.add_argument("--in-channels", type=int, default=1, help="encoder-only sources (vmamba; vm_unet given VMamba ImageNet weights: from the "
-                        "checkpoint): input channels")
+    q.add_argument("--in-channels", type=int, default=None,
+                   help="input channels of our network. Encoder-only sources (vmamba): default 1. Checkpoints that "
+                        "fix them (e.g. 3-channel MSVM-UNet / VM-UNet / MHS-VM weights): default the checkpoint's; "
+                        "1 folds the input weights by summing them, which computes on a 1-channel image what the "
+                        "checkpoint computes on it repeated to 3 channels (what the official forwards do)")
     q.add_argument("--out-channels", type=int, default=2, help="encoder-only sources (vmamba, and vm_unet given VMamba ImageNet weights): classes")
     q.add_argument("--seed", type=int, default=0, help="seed of the parts the checkpoint does not hold")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -1124,12 +1124,59 @@ def _jsonable(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
+def fold_input_channels(conv: Converted, in_channels: int, name: str = "<checkpoint>") -> Converted:
+    """``conv`` for a 1-channel input: every tensor that reads the network's input summed over its input axis.
+
+    Convolutions and linear maps are linear in their input, so a network with summed input weights computes on a
+    1-channel image exactly what the checkpoint's network computes on that image repeated C times: the official
+    MSVM-UNet and VM-UNet forwards repeat 1-channel inputs to 3, and a 3-channel ImageNet-shaped stem is otherwise
+    unusable for CT (nnU-Net's ``-pretrained_weights`` refuses the shape). Only C -> 1 is exact; other changes
+    are refused. The tensors are found by shape: those that differ from our 1-channel network's only in axis 1.
+    """
+    have = conv.in_channels
+    if in_channels != 1:
+        raise CheckpointError(
+            f"{name}: the checkpoint's network reads {have} input channels; --in-channels {in_channels} cannot be "
+            f"made from it exactly (only {have} -> 1, by summing the input weights, computes what repeating a "
+            f"1-channel image {have} times computes). Omit --in-channels to keep {have}.")
+    try:
+        torch.manual_seed(0)
+        ours = nets.create(conv.arch, 1, conv.out_channels, conv.spatial_dims, **conv.net_kwargs)
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: {exc}") from None
+    target = ours.state_dict()
+    state, folded = dict(conv.state_dict), []
+    for key, value in conv.state_dict.items():
+        want = target.get(key)
+        if want is None or want.shape == value.shape:
+            continue
+        if (value.dim() >= 2 and value.shape[1] == have and want.shape[1] == 1
+                and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]):
+            state[key] = value.sum(1, keepdim=True)
+            folded.append(key)
+        else:
+            raise CheckpointError(f"{name}: {key} {tuple(value.shape)} depends on the input channels in a way "
+                                  f"summation cannot fold (ours with 1 input channel: {tuple(want.shape)})")
+    try:
+        ours.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{name}: after folding the input channels the weights do not load: {exc}") from None
+    notes = list(conv.notes) + [
+        f"input channels folded {have} -> 1: {', '.join(folded)} summed over the input axis (computes on a "
+        f"1-channel image what the checkpoint computes on it repeated {have} times, as the official forward "
+        f"of MSVM-UNet / VM-UNet does)"]
+    return Converted(state, conv.arch, conv.spatial_dims, 1, conv.out_channels, conv.net_kwargs, notes)
+
+
 def convert(source: str, ckpt, arch: str, spatial_dims: int | None = None, net_kwargs: dict | None = None,
-            seed: int = 0, inflate: str = "average", in_channels: int = 1, out_channels: int = 2) -> Converted:
+            seed: int = 0, inflate: str = "average", in_channels: int | None = None,
+            out_channels: int = 2) -> Converted:
     """Convert an official checkpoint (path or loaded object) of ``source`` into a state dict of ``arch``.
 
-    ``in_channels``/``out_channels`` only matter for encoder-only sources (``vmamba``): the other
-    checkpoints fix them. ``spatial_dims=3`` on a 2D-only network inflates (``inflate``: average|centre).
+    ``in_channels``: for encoder-only sources (``vmamba``) our network's input channels (default 1); for a
+    checkpoint that fixes them (e.g. 3), 1 folds the input weights (:func:`fold_input_channels`), None keeps
+    them. ``out_channels`` only matters for encoder-only sources. ``spatial_dims=3`` on a 2D-only network
+    inflates (``inflate``: average|centre).
     """
     if source not in SOURCES:
         raise CheckpointError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
@@ -1142,9 +1189,13 @@ def convert(source: str, ckpt, arch: str, spatial_dims: int | None = None, net_k
     name = str(ckpt) if isinstance(ckpt, (str, os.PathLike)) else "<checkpoint>"
     obj = load_checkpoint(ckpt) if isinstance(ckpt, (str, os.PathLike)) else ckpt
     sd = extract_state_dict(obj, name)
-    return _CONVERTERS[source](sd, obj if isinstance(obj, Mapping) else {}, arch, spatial_dims,
-                               dict(net_kwargs or {}), name, seed=seed, inflate=inflate,
-                               in_channels=in_channels, out_channels=out_channels)
+    converted = _CONVERTERS[source](sd, obj if isinstance(obj, Mapping) else {}, arch, spatial_dims,
+                                    dict(net_kwargs or {}), name, seed=seed, inflate=inflate,
+                                    in_channels=1 if in_channels is None else in_channels,
+                                    out_channels=out_channels)
+    if in_channels is not None and converted.in_channels != in_channels:
+        converted = fold_input_channels(converted, in_channels, name)
+    return converted
 
 
 def save(converted: Converted, out, overwrite: bool = False, source: str = "", ckpt_name: str = "") -> Path:
