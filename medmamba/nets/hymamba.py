@@ -32,8 +32,9 @@ supervision is off). ``ds_scales`` = [1, 2, 4, 8].
 
 Position embedding on other patch sizes: the official builds a cubic grid img_size/16 per axis (6^3 for
 96^3) and stores it as a frozen parameter (in every checkpoint). ``pos_embed`` here has the shape of the
-``img_size`` grid (so checkpoints load); an input whose token grid differs gets the same fixed formula
-evaluated on its own (d, h, w) grid (what a fixed embedding allows; identical for cubic grids).
+``img_size`` grid (so checkpoints load; a buffer, not a frozen parameter as in the official code: same key);
+an input whose token grid differs gets the same fixed formula evaluated on its own (d, h, w) grid (what a
+fixed embedding allows; identical for cubic grids).
 
 Parameters with the defaults (1 -> 14 classes): 19.23M trainable plus 0.78M of unused backward Mamba
 tensors kept as buffers (the official counts 20.01M parameters, the same tensors); 0.08M pos_embed frozen.
@@ -137,7 +138,9 @@ class _Bottleneck(nn.Module):
     def __init__(self, dim, depth, grid, d_state, d_conv, expand):
         super().__init__()
         self.grid = tuple(int(g) for g in grid)
-        self.pos_embed = nn.Parameter(sincos_position_embedding_3d(self.grid, dim), requires_grad=False)
+        # a frozen Parameter in the official network; a (persistent) buffer here: same state-dict key, never
+        # handed to the optimiser or to DistributedDataParallel
+        self.register_buffer("pos_embed", sincos_position_embedding_3d(self.grid, dim))
         self.blocks = nn.ModuleList(_MambaBlock(dim, d_state, d_conv, expand) for _ in range(depth))
         self._init_weights()
 
