@@ -36,8 +36,9 @@ Position embedding on other patch sizes: the official builds a cubic grid img_si
 an input whose token grid differs gets the same fixed formula evaluated on its own (d, h, w) grid (what a
 fixed embedding allows; identical for cubic grids).
 
-Parameters with the defaults (1 -> 14 classes): 19.23M trainable plus 0.78M of unused backward Mamba
-tensors kept as buffers (the official counts 20.01M parameters, the same tensors); 0.08M pos_embed frozen.
+Size with the defaults (1 -> 14 classes): 41.44M trainable parameters (+ 0.01M DS heads), plus buffers
+``mae.pos_embed`` (0.08M) and the unused backward Mamba tensors (0.32M); the official network counts
+41.84M parameters, the same tensors (all Parameters there). 4.9 TFLOPs at 128^3 (docs/model_card.md).
 
 nnU-Net keywords: ``input_channels``/``num_classes``, ``deep_supervision``, ``conv_op`` (Conv3d only),
 ``norm_op`` (instance/batch for the UNETR blocks), ``n_stages``/``strides`` (validated: isotropic, total 16,
@@ -224,6 +225,7 @@ class HyMamba(nn.Module):
     """
 
     divisor = 16
+    SPATIAL_DIMS = (3,)
 
     def __init__(self, in_channels: int | None = None, out_channels: int | None = None, spatial_dims: int | None = None,
                  channels: Sequence[int] = (32, 64, 128, 192, 384), depths: Sequence[int] = (1, 2, 2, 2, 1),
