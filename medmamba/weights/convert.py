@@ -1145,6 +1145,8 @@ def _from_mambamim(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, out_c
             raise CheckpointError(f"{name}: a MambaMIM pretraining state dict with keys outside sparse_encoder.* "
                                   f"and the pretraining decoder: {_fmt(other)}")
         sd = {k[len("sparse_encoder."):]: v for k, v in sd.items() if k.startswith("sparse_encoder.")}
+        if sd and all(k.startswith("sp_cnn.") for k in sd):  # SparK / HySparK's layout (sparse_encoder.sp_cnn.*)
+            sd = {k[len("sp_cnn."):]: v for k, v in sd.items()}
         if dropped:
             groups = list(dict.fromkeys(re.sub(r"^(dense_decoder|densify_projs|densify_norms|mask_tokens)\..*$",
                                                r"\1.*", k) for k in dropped))
