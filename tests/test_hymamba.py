@@ -406,3 +406,24 @@ def test_mamba_v1_has_the_backward_tensors_as_buffers_and_the_plain_forward_floa
     torch.testing.assert_close(plain(x), m(x))
     with pytest.raises(ValueError, match="v2"):
         Mamba(12, bimamba_type="v2")
+
+
+def test_converted_file_is_an_nnunet_pretrained_weights_file(tmp_path):
+    """`weights import --from mambamim` output -> nnUNetTrainerHyMamba -pretrained_weights (the loader it uses):
+    everything but the class-dependent heads is loaded."""
+    from medmamba.nnunet import pretrained
+    from medmamba.nnunet.trainers import ENCODER_MODULES
+    from medmamba.weights import save
+
+    enc = random_official(official_shapes(TINY, 1, 2, encoder_only=True, mask_token=True), seed=6)
+    conv_ = convert("mambamim", enc, "hymamba", out_channels=5)
+    save(conv_, tmp_path / "hy.pth", source="mambamim")
+    net = nets.create("hymamba", 1, 3, **conv_.net_kwargs)
+    heads = pretrained.head_keys_by_rebuild(net, lambda n: nets.create("hymamba", 1, n, **conv_.net_kwargs), 3)
+    assert heads == {f"decoder.{h}.{w}" for h in ("out.conv", "ds_heads.0", "ds_heads.1", "ds_heads.2")
+                     for w in ("weight", "bias")}
+    pretrained.load_weights(net, tmp_path / "hy.pth", encoder_modules=ENCODER_MODULES["hymamba"], head_keys=heads,
+                            log=lambda s: None)
+    for k, v in enc.items():
+        if k != "mae.mask_token":
+            assert torch.equal(net.state_dict()[k], v), k
