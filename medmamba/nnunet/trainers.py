@@ -407,8 +407,8 @@ class nnUNetTrainerVMUNetMHS(nnUNetTrainerMedMamba):
 class nnUNetTrainerHyMamba(nnUNetTrainerMedMamba):
     """HyMamba (MambaMIM's build_hybird): AdamW 1e-4, weight decay 1e-5, cosine, no deep supervision. MambaMIM's
     readme fine-tunes with UNETR's BTCV pipeline (Project-MONAI research-contributions UNETR/BTCV), whose
-    defaults are AdamW lr 1e-4, weight decay 1e-5 and a cosine schedule; nnU-Net's epochs, patch sampling
-    and augmentation are kept. ``-pretrained_weights``: a file written by ``medmamba weights import --from
+    defaults are AdamW lr 1e-4, weight decay 1e-5 and a warmup-cosine schedule (50 warmup epochs of 5000);
+    here cosine without warmup over nnU-Net's epochs, with nnU-Net's patch sampling and augmentation. ``-pretrained_weights``: a file written by ``medmamba weights import --from
     mambamim`` (encoder-only: the decoder stays fresh)."""
     arch = "hymamba"
     build_network_architecture = _builder("hymamba")
