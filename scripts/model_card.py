@@ -52,6 +52,7 @@ PAPER = {
     "swin_umamba_d": "variant of Swin-UMamba (4x4 patch embed, Mamba decoder); no number in our notes",
     "msvm_unet": "Synapse DSC 85.00, HD95 14.75 (2D)",
     "vm_unet_mhs": "ISIC18, 4 heads: mIoU 80.85 / DSC 89.41; fewer parameters than VM-UNet (2D)",
+    "hymamba": "MambaMIM's network (3D only; pretrained at 96^3 on CT); no number in our notes",
     "PlainConvUNet": "nnU-Net default",
     "ResEnc-M": "nnU-Net Revisited: BTCV 83.31 / LiTS 80.75 / KiTS 86.79, 12 h, 9.1 GB (A100)",
     "SwinUNETR": "",
@@ -187,6 +188,8 @@ def rows_for(dims: int, only: set | None, prefer: str):
             rows.append(dict(label=name, key=name, source="registry default", dims=dims,
                              error=f"module does not import yet ({type(exc).__name__}: {exc})"))
             print(f"  {name:<34} {dims}D  skipped: {rows[-1]['error']}", flush=True)
+            continue
+        if dims not in getattr(cls, "SPATIAL_DIMS", (2, 3)):  # e.g. HyMamba: 3D only
             continue
         add(name, name, f"registry default (`{cls.__name__}`)",
             lambda name=name: medmamba.nets.create(name, in_channels=1, out_channels=N_CLASSES, spatial_dims=dims))

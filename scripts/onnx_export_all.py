@@ -21,6 +21,7 @@ SMALL = {
     "swin_umamba_d": dict(dims=[8, 16, 24, 32], depths=[1, 1, 1, 1], feature_size=4, d_state=4),
     "msvm_unet": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), decoder_depths=(1, 1, 1)),
     "vm_unet_mhs": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), decoder_depths=(1, 1, 1, 1), d_state=4),
+    "hymamba": dict(channels=(4, 8, 8, 12, 12), depths=(1, 1, 1, 1, 1), mamba_depth=1, d_state=4),
 }
 
 

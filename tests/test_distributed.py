@@ -44,6 +44,9 @@ NETS = {
     "msvm_unet": (dict(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1), drop_path_rate=0.0), (32, 32, 64)),
     "vm_unet_mhs": (dict(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1, 1), d_state=2, drop_path_rate=0.0),
                     (32, 32, 32)),
+    # 32x32x48: a 2x2x3 token grid, so the sin-cos embedding is computed for a grid other than img_size's
+    "hymamba": (dict(channels=(4, 8, 8, 12, 12), depths=(1, 1, 1, 1, 1), exp_r=(2, 2, 2, 2, 2), mamba_depth=1,
+                     d_state=4, img_size=32), (32, 32, 48)),
 }
 
 
@@ -228,7 +231,7 @@ def test_ddp_step_of_every_network_matches_one_process(tmp_path):
     assert r["msvm_unet"]["has_bn"]
 
 
-@pytest.mark.parametrize("name", ["umamba_bot", "lightm_unet", "swin_umamba", "swin_umamba_d"])
+@pytest.mark.parametrize("name", ["umamba_bot", "lightm_unet", "swin_umamba", "swin_umamba_d", "hymamba"])
 def test_deep_supervision_off_heads_do_not_require_grad(name):
     kwargs, _ = NETS[name]
     net = medmamba.nets.create(name, 1, 2, spatial_dims=3, deep_supervision=False, **kwargs)

@@ -61,6 +61,7 @@ DOTTED = {
     "medmamba.nets.swin_umamba.SwinUMambaD": None,
     "medmamba.nets.msvm_unet.MSVMUNet": None,
     "medmamba.nets.vm_unet_mhs.VMUNetMHS": None,
+    "medmamba.nets.hymamba.HyMamba": None,
     "medmamba.nets.conventions.DeepSupervisionSwitch": None,
     "medmamba.mamba.Mamba": "medmamba.layers.mamba.Mamba",
     "medmamba.mamba.fp32_region": "medmamba.layers.mamba.fp32_region",

@@ -8,7 +8,8 @@ from medmamba.nnunet import presets
 from medmamba.nnunet.cli import add_parsers
 from medmamba.nnunet.presets import PresetError, adapt_configuration, apply_preset, load_preset
 
-ARCHS = ["umamba_bot", "umamba_enc", "lightm_unet", "swin_umamba", "swin_umamba_d", "msvm_unet", "vm_unet_mhs"]
+ARCHS = ["umamba_bot", "umamba_enc", "lightm_unet", "swin_umamba", "swin_umamba_d", "msvm_unet", "vm_unet_mhs",
+         "hymamba"]
 
 
 def _plans():

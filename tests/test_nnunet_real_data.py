@@ -29,13 +29,14 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DA
                                                           f"the folder that holds ibsi_sts/)")
 DATASET_ID, DATASET = 901, "Dataset901_Sarcoma"
 ALL_TRAINERS = ["nnUNetTrainerUMamba", "nnUNetTrainerUMambaEnc", "nnUNetTrainerLightMUNet", "nnUNetTrainerSwinUMamba",
-                "nnUNetTrainerSwinUMambaD", "nnUNetTrainerMSVMUNet", "nnUNetTrainerVMUNetMHS"]
+                "nnUNetTrainerSwinUMambaD", "nnUNetTrainerMSVMUNet", "nnUNetTrainerVMUNetMHS", "nnUNetTrainerHyMamba"]
 # reduced presets for CPU forward passes, written from the real plans (U-Mamba: 4 stages, small widths)
 CI_OVERRIDES = {"umamba_bot": dict(patch_size=[32, 64, 64], n_stages=4, features_per_stage=[8, 16, 32, 64]),
                 "umamba_enc": dict(patch_size=[32, 64, 64], n_stages=4, features_per_stage=[8, 16, 32, 64]),
                 "lightm_unet": dict(patch_size=[32, 32, 32]),
                 "swin_umamba": dict(patch_size=[32, 32, 32]), "swin_umamba_d": dict(patch_size=[32, 32, 32]),
-                "msvm_unet": dict(patch_size=[32, 32, 32]), "vm_unet_mhs": dict(patch_size=[32, 32, 32])}
+                "msvm_unet": dict(patch_size=[32, 32, 32]), "vm_unet_mhs": dict(patch_size=[32, 32, 32]),
+                "hymamba": dict(patch_size=[32, 32, 32])}
 
 
 def _clean_env(env):

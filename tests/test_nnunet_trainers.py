@@ -17,7 +17,7 @@ from test_nnunet_presets import _plans
 
 BASE_TRAINERS = ["nnUNetTrainerUMamba", "nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc", "nnUNetTrainerLightMUNet",
                  "nnUNetTrainerSwinUMamba", "nnUNetTrainerSwinUMambaD", "nnUNetTrainerMSVMUNet",
-                 "nnUNetTrainerVMUNetMHS"]
+                 "nnUNetTrainerVMUNetMHS", "nnUNetTrainerHyMamba"]
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumour": 1}, "numTraining": 5,
                 "file_ending": ".nii.gz"}
 
@@ -67,6 +67,7 @@ def test_schedules(name, nnunet_dirs):
         "nnUNetTrainerSwinUMambaD": ("adamw", 1e-4, 0.05, "cosine", True),
         "nnUNetTrainerMSVMUNet": ("adamw", 5e-4, 1e-3, "cosine", False),
         "nnUNetTrainerVMUNetMHS": ("adamw", 1e-3, 1e-2, "cosine", False),
+        "nnUNetTrainerHyMamba": ("adamw", 1e-4, 1e-5, "cosine", False),
     }[name]
     assert (tr.OPTIMIZER, tr.initial_lr, tr.weight_decay, tr.LR_SCHEDULE, tr.enable_deep_supervision) == expected
     assert tr.num_epochs == 1000 and tr.num_iterations_per_epoch == 250
@@ -130,6 +131,7 @@ TINY = {
     "swin_umamba_d": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), decoder_depth=1),
     "msvm_unet": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), decoder_depths=(1, 1, 1)),
     "vm_unet_mhs": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), decoder_depths=(1, 1, 1, 1)),
+    "hymamba": dict(channels=(4, 8, 8, 12, 12), depths=(1, 1, 1, 1, 1), mamba_depth=1, img_size=32),
 }
 
 

@@ -23,6 +23,9 @@ CT = os.path.join(DATA_DIR, "ibsi_sts", "STS_002", "CT_image.nii.gz")
 @pytest.mark.parametrize("name, kwargs, shape", [
     ("umamba_enc", dict(features_per_stage=(4, 8, 16), n_blocks_per_stage=1, n_conv_per_stage_decoder=1), (8, 8, 16)),
     ("swin_umamba", dict(dims=[8, 16, 24, 32], depths=[1, 1, 1, 1], feature_size=4, d_state=4), (32, 32, 32)),
+    # a token grid (2x2x3) other than img_size's: the sin-cos position embedding is computed in the graph
+    ("hymamba", dict(channels=(4, 8, 8, 12, 12), depths=(1, 1, 1, 1, 1), mamba_depth=1, d_state=4, img_size=32),
+     (32, 32, 48)),
 ])
 def test_registry_network_exports(tmp_path, name, kwargs, shape):
     import medmamba.nets as nets

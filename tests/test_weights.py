@@ -824,17 +824,21 @@ def test_mhs_vm_and_vm_unet_errors():
         convert("vm_unet", sd, "vm_unet_mhs")
 
 
-def test_mambamim_hymamba_checkpoint_is_refused_with_its_keys():
-    hy = {"sparse_encoder.sp_cnn.embeddings.stem.weight": torch.zeros(32, 1, 3, 3, 3),
-          "sparse_encoder.sp_cnn.embeddings.layer2.0.conv1.weight": torch.zeros(64, 1, 3, 3, 3),
-          "sparse_encoder.sp_cnn.mae.blocks.0.mamba.A_log": torch.zeros(768, 16),
+def test_mambamim_source_converts_to_hymamba_only():
+    """MambaMIM checkpoints are HyMamba (tests/test_hymamba.py converts them); other --arch values are refused
+    before reading, and non-MambaMIM / medmamba-pretraining checkpoints are named."""
+    hy = {"sparse_encoder.embeddings.stem.weight": torch.zeros(32, 1, 3, 3, 3),
+          "sparse_encoder.mae.blocks.0.mamba.A_log": torch.zeros(768, 16),
           "dense_decoder.dec.0.up_sample.weight": torch.zeros(1)}
-    with pytest.raises(CheckpointError, match=r"HyMamba.*embeddings\.stem\.weight"):
-        convert("mambamim", {"model": hy}, "umamba_bot")
+    for arch in ("umamba_bot", "swin_umamba"):
+        with pytest.raises(CheckpointError, match=r"MambaMIM checkpoints are HyMamba.*--arch hymamba"):
+            convert("mambamim", {"module": hy}, arch)
+    with pytest.raises(CheckpointError, match=r"missing key\(s\) embeddings\.expend1\.weight"):
+        convert("mambamim", {"module": hy}, "hymamba")
     with pytest.raises(CheckpointError, match="not a MambaMIM"):
-        convert("mambamim", {"model": {"encoder.stem.0.conv1.weight": torch.zeros(1)}}, "umamba_bot")
+        convert("mambamim", {"model": {"encoder.stem.0.conv1.weight": torch.zeros(1)}}, "hymamba")
     with pytest.raises(CheckpointError, match="needs no conversion"):
-        convert("mambamim", {"format": "medmamba.pretrain.mambamim/1", "model": {"x": torch.zeros(1)}}, "umamba_bot")
+        convert("mambamim", {"format": "medmamba.pretrain.mambamim/1", "model": {"x": torch.zeros(1)}}, "hymamba")
 
 
 def test_cli_import_new_sources(tmp_path):
@@ -857,8 +861,10 @@ def test_cli_import_new_sources(tmp_path):
     assert "inflation" in r.stdout
     meta = torch.load(tmp_path / "v3.pth", weights_only=False)["medmamba_weights"]
     assert meta["net_kwargs"]["mixer"] == "ss2d" and meta["spatial_dims"] == 3
-    r = _cli("--from", "mambamim", str(ck), "--arch", "umamba_bot", str(tmp_path / "y.pth"))
+    r = _cli("--from", "mambamim", str(ck), "--arch", "hymamba", str(tmp_path / "y.pth"))
     assert r.returncode == 2 and "not a MambaMIM" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("--from", "mambamim", str(ck), "--arch", "umamba_bot", str(tmp_path / "y.pth"))
+    assert r.returncode == 2 and "are HyMamba" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
 
 

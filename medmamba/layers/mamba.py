@@ -3,6 +3,14 @@
 Same parameter names, shapes and initialisation, so state dicts of published checkpoints (U-Mamba,
 LightM-UNet, ...) load with ``strict=True``. The scan goes through ``medmamba.kernels.selective_scan``
 (Triton on CUDA, PyTorch elsewhere); its state is float32 whatever autocast does to the projections.
+
+``bimamba_type="v1"`` reproduces the Mamba class of MambaMIM's ``models/mamba/bi_vision_mamba.py``
+(FengheTan9/MambaMIM @ 8b96c053, a copy of Vision Mamba's fork), which HyMamba builds with
+``bimamba_type="v1"``: that class always allocates backward-direction tensors (``A_b_log``, ``conv1d_b``,
+``x_proj_b``, ``dt_proj_b``, ``D_b``) but only its ``"v2"`` branch reads them; ``"v1"`` runs the plain
+unidirectional forward (fused and unfused paths alike). So with ``"v1"`` the forward is exactly the default
+one and the backward tensors are kept as non-trainable buffers under the official names: checkpoints load
+strictly, and no parameter without a gradient reaches DistributedDataParallel or the optimiser.
 """
 from __future__ import annotations
 
@@ -39,21 +47,39 @@ def _weight_at(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.unsqueeze(0).expand(x.shape[0], -1, -1), x)
 
 
+class _Held(nn.Module):
+    """Tensors a checkpoint stores under a submodule's name that the computation never reads (buffers)."""
+
+    def __init__(self, **tensors):
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_buffer(name, t.detach().clone())
+
+
 class Mamba(nn.Module):
     """Selective state-space block: (batch, L, d_model) -> (batch, L, d_model).
 
     Arguments follow ``mamba_ssm.Mamba``. ``use_fast_path``, ``layer_idx``, ``device`` and ``dtype`` are
     accepted for drop-in compatibility; ``scan_backend`` forces a selective-scan backend ("torch",
-    "triton") instead of choosing by device.
+    "triton") instead of choosing by device. ``bimamba_type``: ``"none"`` (default, mamba_ssm's Mamba) or
+    ``"v1"`` (MambaMIM's bi_vision_mamba Mamba as HyMamba builds it: same forward, plus the unused
+    backward-direction tensors ``A_b_log, conv1d_b.{weight,bias}, x_proj_b.weight, dt_proj_b.{weight,bias},
+    D_b`` as buffers, initialised as that class initialises them; see the module docstring).
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 use_fast_path=True, layer_idx=None, device=None, dtype=None, scan_backend=None):
+                 use_fast_path=True, layer_idx=None, device=None, dtype=None, scan_backend=None,
+                 bimamba_type="none"):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if bimamba_type not in ("none", "v1"):
+            raise ValueError(f"Mamba: bimamba_type must be 'none' or 'v1' (MambaMIM's HyMamba), got {bimamba_type!r}; "
+                             f"'v2' (a true backward scan) is not implemented: MambaMIM's file calls an "
+                             f"un-imported function on that branch, so no published network runs it")
+        self.bimamba_type = bimamba_type
         self.d_model = d_model
         self.d_state = d_state
         self.d_conv = d_conv
@@ -90,6 +116,17 @@ class Mamba(nn.Module):
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
         self.D._no_weight_decay = True
+
+        if bimamba_type == "v1":  # allocated (and initialised) by MambaMIM's class, never read by its v1 forward
+            self.register_buffer("A_b_log", torch.log(A).clone())
+            conv_b = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                               bias=conv_bias, **factory)
+            self.conv1d_b = _Held(**dict(conv_b.named_parameters()))
+            self.x_proj_b = _Held(weight=nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False,
+                                                   **factory).weight)
+            dt_b = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+            self.dt_proj_b = _Held(weight=dt_b.weight, bias=dt_b.bias)
+            self.register_buffer("D_b", torch.ones(self.d_inner, device=device))
 
     def forward(self, hidden_states, inference_params=None):
         if inference_params is not None:

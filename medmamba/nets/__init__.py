@@ -17,6 +17,7 @@ _REGISTRY = {
     "swin_umamba_d": ("medmamba.nets.swin_umamba", "SwinUMambaD"),
     "msvm_unet": ("medmamba.nets.msvm_unet", "MSVMUNet"),
     "vm_unet_mhs": ("medmamba.nets.vm_unet_mhs", "VMUNetMHS"),
+    "hymamba": ("medmamba.nets.hymamba", "HyMamba"),
 }
 _CLASSES = {cls: (mod, cls) for mod, cls in _REGISTRY.values()}
 

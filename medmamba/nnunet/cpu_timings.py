@@ -21,7 +21,7 @@ REDUCED = {"umamba_bot": dict(patch_size=[32, 64, 64], n_stages=4, features_per_
            "umamba_enc": dict(patch_size=[32, 64, 64], n_stages=4, features_per_stage=[8, 16, 32, 64]),
            "lightm_unet": dict(patch_size=[32, 64, 64]), "swin_umamba": dict(patch_size=[32, 64, 64]),
            "swin_umamba_d": dict(patch_size=[32, 64, 64]), "msvm_unet": dict(patch_size=[32, 64, 64]),
-           "vm_unet_mhs": dict(patch_size=[32, 64, 64])}
+           "vm_unet_mhs": dict(patch_size=[32, 64, 64]), "hymamba": dict(patch_size=[32, 64, 64])}
 
 
 def main(dataset):

@@ -5,7 +5,7 @@ in ``architecture.network_class_name`` and how the configuration must change for
 
 * ``topology: "plans"`` (U-Mamba Bot/Enc): the network follows the plans' stages, kernels and strides;
   only the class changes (U-Mamba Enc also gets ``arch_kwargs.patch_size``, which it needs at build time);
-* ``topology: "fixed"`` (LightM-UNet, Swin-UMamba(-D), MSVM-UNet, VM-UNet-MHS): the per-stage lists are
+* ``topology: "fixed"`` (LightM-UNet, Swin-UMamba(-D), MSVM-UNet, VM-UNet-MHS, HyMamba): the per-stage lists are
   rewritten to the network's own isotropic ``strides`` (so nnU-Net's deep-supervision targets, derived
   from the strides, sit at the network's output scales) and ``patch_size`` is rounded to a multiple of
   ``patch_size_divisor`` on every axis.

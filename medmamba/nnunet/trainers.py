@@ -12,6 +12,8 @@ nnUNetTrainerSwinUMamba        Swin-UMamba     AdamW 1e-4 (wd 0.05), cosine to 1
 nnUNetTrainerSwinUMambaD       Swin-UMamba-D   same as Swin-UMamba
 nnUNetTrainerMSVMUNet          MSVM-UNet       AdamW 5e-4 (wd 1e-3), cosine, loss 0.4 CE + 0.6 Dice, no DS
 nnUNetTrainerVMUNetMHS         VM-UNet-MHS     AdamW 1e-3 (wd 1e-2), cosine to 1e-5, no DS
+nnUNetTrainerHyMamba           HyMamba         AdamW 1e-4 (wd 1e-5), cosine, no DS (MambaMIM's fine-tuning
+                                               follows UNETR's BTCV pipeline)
 =============================  ==============  =================================================================
 
 Each has ``<name>_5epochs`` (5 epochs of 250 iterations), ``<name>_debug`` (1 epoch of 2 training and
@@ -71,6 +73,7 @@ ENCODER_MODULES = {
     "swin_umamba_d": ("encoder",),
     "msvm_unet": ("encoder",),
     "vm_unet_mhs": ("encoder",),
+    "hymamba": ("embeddings", "mae"),
 }
 
 
@@ -401,8 +404,22 @@ class nnUNetTrainerVMUNetMHS(nnUNetTrainerMedMamba):
     DEEP_SUPERVISION = False
 
 
+class nnUNetTrainerHyMamba(nnUNetTrainerMedMamba):
+    """HyMamba (MambaMIM's build_hybird): AdamW 1e-4, weight decay 1e-5, cosine, no deep supervision. MambaMIM's
+    readme fine-tunes with UNETR's BTCV pipeline (Project-MONAI research-contributions UNETR/BTCV), whose
+    defaults are AdamW lr 1e-4, weight decay 1e-5 and a warmup-cosine schedule (50 warmup epochs of 5000);
+    here cosine without warmup over nnU-Net's epochs, with nnU-Net's patch sampling and augmentation. ``-pretrained_weights``: a file written by ``medmamba weights import --from
+    mambamim`` (encoder-only: the decoder stays fresh)."""
+    arch = "hymamba"
+    build_network_architecture = _builder("hymamba")
+    OPTIMIZER, INITIAL_LR, WEIGHT_DECAY = "adamw", 1e-4, 1e-5
+    LR_SCHEDULE = "cosine"
+    DEEP_SUPERVISION = False
+
+
 _BASES = [nnUNetTrainerUMamba, nnUNetTrainerUMambaBot, nnUNetTrainerUMambaEnc, nnUNetTrainerLightMUNet,
-          nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMambaD, nnUNetTrainerMSVMUNet, nnUNetTrainerVMUNetMHS]
+          nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMambaD, nnUNetTrainerMSVMUNet, nnUNetTrainerVMUNetMHS,
+          nnUNetTrainerHyMamba]
 
 
 # -- short schedules: <Trainer>_5epochs, <Trainer>_debug, <Trainer>_demo -------------------------------------

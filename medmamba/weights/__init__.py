@@ -26,8 +26,11 @@ encoder, loaded the way their ``load_pretrained_ckpt`` does), ``msvm_unet`` (gnd
 or the VMamba ImageNet weights its ``load_from`` reads: into ``vm_unet_mhs`` with ``mixer="ss2d"``). All
 of these are 2D upstream except U-Mamba / LightM-UNet; ``spatial_dims=3`` inflates the 2D weights into our
 3D variant (:func:`inflate_2d_to_3d`; tensors without a 3D rule keep their seeded initialisation and are
-named in the notes). ``mambamim`` (FengheTan9/MambaMIM HyMamba) is recognised and refused with the keys
-our networks cannot represent (see ``docs/model_card.md``), never converted partially.
+named in the notes). ``mambamim`` (FengheTan9/MambaMIM): its HyMamba checkpoints (the encoder-only
+``*_timm_style.pth`` the readme publishes, the ``{"module": ...}`` pretraining file, or a fine-tuned
+``Hybird`` state dict) into ``hymamba``, key for key; pretraining-only tensors (mask tokens, the light
+decoder) are dropped and an encoder-only file leaves the segmentation decoder seeded, both listed in
+the notes. ``REFUSED`` (sources recognised but not convertible) is empty.
 """
 from medmamba.weights.convert import (CheckpointError, Converted, REFUSED, SOURCES, clean_key, convert,
                                       extract_state_dict, inflate_2d_to_3d, load_checkpoint, save)

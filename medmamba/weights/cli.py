@@ -24,8 +24,9 @@ def add_parser(sub) -> None:
                     "trained VMUNet checkpoint, or the VMamba ImageNet weights VM-UNet's load_from reads, mapped as "
                     "load_from maps them). --spatial-dims 3 on the 2D-only networks (swin_umamba, swin_umamba_d, "
                     "vmamba, msvm_unet, mhs_vm, vm_unet) inflates the 2D weights (docs/model_card.md); tensors without "
-                    "a 3D rule keep their seeded initialisation and are listed in the notes. mambamim (HyMamba) is "
-                    "refused: our networks have no counterpart for its modules, and the error names the keys.")
+                    "a 3D rule keep their seeded initialisation and are listed in the notes. mambamim -> hymamba "
+                    "(MambaMIM's published encoder weights, its pretraining file or a fine-tuned HyMamba; an "
+                    "encoder-only file leaves the decoder seeded, --out-channels classes).")
     q.add_argument("--from", dest="source", required=True, choices=list(SOURCES), help="whose checkpoint CKPT is (see the description for the --arch each converts to)")
     q.add_argument("ckpt", metavar="CKPT", help="the published checkpoint")
     q.add_argument("--arch", required=True, help="our registry name, e.g. umamba_bot, swin_umamba")
@@ -41,7 +42,8 @@ def add_parser(sub) -> None:
                         "fix them (e.g. 3-channel MSVM-UNet / VM-UNet / MHS-VM weights): default the checkpoint's; "
                         "1 folds the input weights by summing them, which computes on a 1-channel image what the "
                         "checkpoint computes on it repeated to 3 channels (what the official forwards do)")
-    q.add_argument("--out-channels", type=int, default=2, help="encoder-only sources (vmamba, and vm_unet given VMamba ImageNet weights): classes")
+    q.add_argument("--out-channels", type=int, default=2, help="encoder-only sources (vmamba, mambamim, and vm_unet given VMamba ImageNet "
+                        "weights): classes")
     q.add_argument("--seed", type=int, default=0, help="seed of the parts the checkpoint does not hold")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.set_defaults(func=cmd_import)

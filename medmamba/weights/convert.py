@@ -24,10 +24,10 @@ SOURCES = {
     "msvm_unet": ("msvm_unet",),
     "vm_unet": ("vm_unet_mhs",),
     "mhs_vm": ("vm_unet_mhs",),
-    "mambamim": ("umamba_bot", "umamba_enc", "swin_umamba"),
+    "mambamim": ("hymamba",),
 }
-#: sources recognised but refused: our networks cannot represent them (see the converter's message)
-REFUSED = ("mambamim",)
+#: sources recognised but refused: our networks cannot represent them (see the converter's message); none now
+REFUSED = ()
 _MAX_LIST = 12
 
 
@@ -81,13 +81,15 @@ def clean_key(k: str) -> str:
 
 
 #: where checkpoints keep the network's state dict, first found wins: nnU-Net / medmamba, Lightning and
-#: many repositories, VM-UNet / MHS-VM ``latest.pth``, VMamba / Swin / MSVM-style ``{"model": ...}``
-_STATE_KEYS = ("network_weights", "state_dict", "model_state_dict", "model")
+#: many repositories, VM-UNet / MHS-VM ``latest.pth``, VMamba / Swin / MSVM-style ``{"model": ...}``,
+#: MambaMIM's ``*_withdecoder_ct_pretrained.pth`` (``{"module": MambaMIM state dict, "optimizer": ...}``)
+_STATE_KEYS = ("network_weights", "state_dict", "model_state_dict", "model", "module")
 
 
 def extract_state_dict(ckpt, name: str, error: type[Exception] = None) -> dict:
     """The tensors of a loaded checkpoint, keys cleaned (:func:`clean_key`): its ``network_weights``
-    (nnU-Net, medmamba), ``state_dict``, ``model_state_dict`` or ``model`` dict, or the checkpoint itself when it is a bare
+    (nnU-Net, medmamba), ``state_dict``, ``model_state_dict``, ``model`` or ``module`` (MambaMIM) dict, or the
+    checkpoint itself when it is a bare
     state dict. Anything else raises ``error`` (default :class:`CheckpointError`) naming ``name``.
     Shared with ``medmamba.nnunet.pretrained``."""
     error = error or CheckpointError
@@ -101,8 +103,8 @@ def extract_state_dict(ckpt, name: str, error: type[Exception] = None) -> dict:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             sd = ckpt
         else:
-            raise error(f"{name}: no 'network_weights' (nnU-Net / MambaMIM), 'state_dict', 'model_state_dict' or "
-                        f"'model' in the checkpoint; its keys are {sorted(map(str, ckpt))[:10]}")
+            raise error(f"{name}: no 'network_weights' (nnU-Net / medmamba), 'state_dict', 'model_state_dict', "
+                        f"'model' or 'module' (MambaMIM) in the checkpoint; its keys are {sorted(map(str, ckpt))[:10]}")
     return {clean_key(str(k)): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -1083,27 +1085,110 @@ def _from_vm_unet(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, inflat
 
 
 # ------------------------------------------------------------------------------------------------
-# MambaMIM (FengheTan9/MambaMIM models/network/hymamba.py @ 8b96c053): HyMamba checkpoints
+# MambaMIM (FengheTan9/MambaMIM @ 8b96c053): HyMamba checkpoints (models/network/hymamba.py build_hybird).
+# main.py saves two files per epoch: ``<model>_ct_pretrained_mambamim_timm_style.pth`` = the SparseEncoder's
+# state dict (``embeddings.*``, ``mae.*`` incl. the pretraining ``mae.mask_token``), which the readme loads
+# into build_hybird with strict=False (the published ``mambamim_mask75.pth``, 87 MB, is this encoder-only
+# kind: 22.7M float32 tensors = 86.7 MiB), and ``<model>_withdecoder_ct_pretrained.pth`` = {"module":
+# MambaMIM state dict (``sparse_encoder.embeddings.*``, ``sparse_encoder.mae.*``, light decoder
+# ``dense_decoder.*``, ``densify_projs.*``, ``mask_tokens.*``, ``A_interpolation``, "config"), "optimizer",
+# "args", "arch", "epoch", ...}. A fine-tuned Hybird state dict (``embeddings.*``, ``mae.*``, ``decoder.*``)
+# is read too (e.g. under "state_dict", as the UNETR BTCV pipeline the readme points to saves it).
 # ------------------------------------------------------------------------------------------------
 
-_HYMAMBA = re.compile(r"(^|\.)(embeddings\.(stem|expend\d|layer\d|encoder\d)\.|mae\.(pos_embed|mask_token|blocks\.\d+\.)"
-                      r"|decoder\.decoder\d\.)")
+#: pretraining-only parts of a MambaMIM checkpoint (dropped, named in the notes)
+_MAMBAMIM_PRETRAIN = ("dense_decoder.", "densify_projs.", "densify_norms.", "mask_tokens.", "A_interpolation")
 
 
-def _from_mambamim(sd, ckpt, arch, spatial_dims, net_kwargs, name, **_):
+def _hymamba_kwargs(sd: dict, name: str) -> dict:
+    """build_hybird's keywords read from the tensors (channels, depths, kernels, exp_r, Mamba depth/state, grid)."""
+    channels = [int(sd["embeddings.stem.weight"].shape[0])] + \
+        [int(sd[f"embeddings.expend{i}.weight"].shape[0]) for i in range(1, 5)]
+    depths, kernels, exp_r = [1], [3], [2]  # entry 0: unused by the network (build_hybird's values)
+    for i in range(2, 6):
+        n = _count(sd, rf"embeddings\.layer{i}\.(\d+)\.")
+        depths.append(n)
+        if n:
+            kernels.append(int(sd[f"embeddings.layer{i}.0.conv1.weight"].shape[-1]))
+            exp_r.append(int(sd[f"embeddings.layer{i}.0.conv2.weight"].shape[0]) // channels[i - 1])
+        else:
+            kernels.append(3)
+            exp_r.append(4)
+    kw = dict(channels=channels, depths=depths, kernels=kernels, exp_r=exp_r,
+              mamba_depth=_count(sd, r"mae\.blocks\.(\d+)\."))
+    if "mae.blocks.0.mamba.A_log" in sd:
+        a = sd["mae.blocks.0.mamba.A_log"]
+        kw["d_state"] = int(a.shape[1])
+        kw["expand"] = int(a.shape[0]) // channels[4]
+        kw["d_conv"] = int(sd["mae.blocks.0.mamba.conv1d.weight"].shape[-1])
+    if "mae.pos_embed" in sd:
+        n = int(sd["mae.pos_embed"].shape[1])
+        g = round(n ** (1 / 3))
+        if g ** 3 != n:
+            raise CheckpointError(f"{name}: mae.pos_embed has {n} tokens, not a cubic grid (MambaMIM builds g^3)")
+        kw["img_size"] = 16 * g
+    return kw
+
+
+def _from_mambamim(sd, ckpt, arch, spatial_dims, net_kwargs, name, seed=0, out_channels=2, **_):
     fmt = ckpt.get("format") if isinstance(ckpt, Mapping) else None
     if isinstance(fmt, str) and fmt.startswith("medmamba.pretrain"):
         raise CheckpointError(f"{name}: a medmamba pretraining checkpoint ({fmt}): it needs no conversion; use its "
                               f"exported network_weights with nnUNetv2_train -pretrained_weights (docs/pretraining.md)")
-    hy = sorted(k for k in sd if _HYMAMBA.search(k))
-    if hy:
-        raise CheckpointError(
-            f"{name}: a MambaMIM HyMamba checkpoint (MedNeXt-block CNN stages 'embeddings.*', a Mamba bottleneck "
-            f"with MLPs and a fixed position embedding 'mae.*'): {arch} has no counterpart for these modules, so "
-            f"none of its {len(sd)} tensors can be placed ({len(hy)} HyMamba keys: {_fmt(hy)}). Pretrain "
-            f"{arch} with `medmamba pretrain` instead (the MambaMIM method on our encoders, docs/pretraining.md).")
-    raise CheckpointError(f"{name}: not a MambaMIM (HyMamba) checkpoint: no embeddings.* / mae.* keys; its first "
-                          f"keys are {_fmt(sorted(sd)[:8])}")
+    if spatial_dims not in (None, 3):
+        raise CheckpointError(f"{name}: HyMamba is 3D only; --spatial-dims {spatial_dims} is not possible")
+    notes = []
+    if any(k.startswith("sparse_encoder.") for k in sd):  # the with-decoder pretraining file
+        dropped = sorted(k for k in sd if not k.startswith("sparse_encoder."))
+        other = [k for k in dropped if not k.startswith(_MAMBAMIM_PRETRAIN)]
+        if other:
+            raise CheckpointError(f"{name}: a MambaMIM pretraining state dict with keys outside sparse_encoder.* "
+                                  f"and the pretraining decoder: {_fmt(other)}")
+        sd = {k[len("sparse_encoder."):]: v for k, v in sd.items() if k.startswith("sparse_encoder.")}
+        if sd and all(k.startswith("sp_cnn.") for k in sd):  # SparK / HySparK's layout (sparse_encoder.sp_cnn.*)
+            sd = {k[len("sp_cnn."):]: v for k, v in sd.items()}
+        if dropped:
+            groups = list(dict.fromkeys(re.sub(r"^(dense_decoder|densify_projs|densify_norms|mask_tokens)\..*$",
+                                               r"\1.*", k) for k in dropped))
+            notes.append(f"MambaMIM pretraining-only tensors dropped ({len(dropped)}: {', '.join(groups)}): the "
+                         f"reconstruction decoder, densify projections, mask tokens and TOKI's A_interpolation")
+    if not any(k.startswith(("embeddings.", "mae.")) for k in sd):
+        hint = ""
+        if any(k.startswith(("encoder.", "mamba_layer.", "decoder.seg_layers")) for k in sd):
+            hint = " (it looks like one of our networks' state dicts: a medmamba checkpoint needs no conversion)"
+        raise CheckpointError(f"{name}: not a MambaMIM (HyMamba) checkpoint: no embeddings.* / mae.* keys{hint}; "
+                              f"its first keys are {_fmt(sorted(sd)[:8])}")
+    _require(sd, ["embeddings.stem.weight"] + [f"embeddings.expend{i}.weight" for i in range(1, 5)],
+             "mambamim", "MambaMIM HyMamba", name)
+    if "mae.mask_token" in sd:
+        sd = {k: v for k, v in sd.items() if k != "mae.mask_token"}
+        notes.append("mae.mask_token dropped: MambaMIM's pretraining mask token (the segmentation network, "
+                     "build_hybird, has none)")
+    kw = _hymamba_kwargs(sd, name)
+    kw.update(net_kwargs)
+    in_ch = int(sd["embeddings.stem.weight"].shape[1])
+    has_dec = any(k.startswith("decoder.") for k in sd)
+    out_ch = int(sd["decoder.out.conv.weight"].shape[0]) if "decoder.out.conv.weight" in sd else out_channels
+    make = _net_maker(arch, in_ch, out_ch, kw, seed, name)
+    net = make(3)
+    fresh = ("decoder.ds_heads.",)
+    if not has_dec:
+        fresh = ("decoder.",)
+        notes.append(f"encoder-only checkpoint (embeddings.*, mae.*): the segmentation decoder (decoder.decoder5..1, "
+                     f"decoder.out: {out_ch} classes) keeps its seeded initialisation (seed {seed}), as build_hybird "
+                     f"+ load_state_dict(strict=False) leaves it in MambaMIM's fine-tuning")
+    else:
+        notes.append(f"decoder.ds_heads.*: our deep-supervision heads (not in the official network) keep their "
+                     f"seeded initialisation (seed {seed}); unused without deep supervision")
+    if "mae.pos_embed" in sd:
+        ref = net.state_dict()["mae.pos_embed"]
+        if ref.shape == sd["mae.pos_embed"].shape and not torch.allclose(sd["mae.pos_embed"].float(), ref, atol=1e-5):
+            notes.append("mae.pos_embed differs from the fixed 3D sin-cos embedding: the checkpoint's values are kept "
+                         "(used at the img_size grid; other grids use the formula)")
+    mapped = dict(sd)
+    origin = {k: k for k in sd}
+    state = _assemble(net, mapped, origin, name, "mambamim", arch, fresh=fresh)
+    return Converted(state, arch, 3, in_ch, out_ch, _jsonable(kw), notes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1181,6 +1266,9 @@ def convert(source: str, ckpt, arch: str, spatial_dims: int | None = None, net_k
     if source not in SOURCES:
         raise CheckpointError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     if arch not in SOURCES[source]:
+        if source == "mambamim":
+            raise CheckpointError(f"source 'mambamim': MambaMIM checkpoints are HyMamba networks (MambaMIM's "
+                                  f"build_hybird encoder), so they convert to --arch hymamba only, not {arch!r}")
         raise CheckpointError(f"source '{source}' converts to {', '.join(SOURCES[source])}, not {arch!r}")
     if spatial_dims not in (None, 2, 3):
         raise CheckpointError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
