@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 NAMES = {"plain": "PlainConvUNet", "umamba_bot": "U-Mamba Bot", "umamba_enc": "U-Mamba Enc",
          "lightm_unet": "LightM-UNet", "swin_umamba": "Swin-UMamba", "swin_umamba_d": "Swin-UMamba-D",
-         "msvm_unet": "MSVM-UNet", "vm_unet_mhs": "VM-UNet-MHS"}
+         "msvm_unet": "MSVM-UNet", "vm_unet_mhs": "VM-UNet-MHS", "hymamba": "HyMamba"}
 NETS = list(NAMES)
 
 
