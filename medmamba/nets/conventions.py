@@ -92,3 +92,20 @@ class DeepSupervisionSwitch:
         for m in heads:
             for p in m.parameters():
                 p.requires_grad_(bool(value))
+
+
+class DecoderOwnsDeepSupervision:
+    """Network mixin: ``deep_supervision`` and ``ds_scales`` are the decoder's (the decoder builds the heads
+    and decides what ``forward`` returns; nnU-Net switches ``network.decoder.deep_supervision`` itself)."""
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, value: bool) -> None:
+        self.decoder.deep_supervision = bool(value)
+
+    @property
+    def ds_scales(self) -> list[int]:
+        return list(self.decoder.ds_scales)

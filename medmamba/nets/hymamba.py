@@ -54,7 +54,8 @@ from monai.networks.blocks import UnetrUpBlock
 
 from medmamba.layers.mamba import Mamba, fp32_region
 from medmamba.layers.mednext import LNResBlock, MedNeXtBlock
-from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
+from medmamba.nets.conventions import (DecoderOwnsDeepSupervision, DeepSupervisionSwitch, check_input,
+                                        resolve_channels, resolve_spatial_dims)
 from medmamba.nets.swin_umamba import _IGNORED_PLAN_KEYS, _check_plan_strides, _norm_name
 
 __all__ = ["HyMamba", "sincos_position_embedding_3d"]
@@ -205,7 +206,7 @@ class _Decoder(DeepSupervisionSwitch, nn.Module):
         return [out] + [head(f) for head, f in zip(self.ds_heads, (d2, d3, d4))]
 
 
-class HyMamba(nn.Module):
+class HyMamba(DecoderOwnsDeepSupervision, nn.Module):
     """HyMamba (MambaMIM's ``build_hybird``): MedNeXt CNN encoder, Mamba bottleneck, UNETR decoder; 3D only.
 
     Args (MONAI names):
@@ -266,18 +267,6 @@ class HyMamba(nn.Module):
         self.embeddings = _Embeddings(cin, channels, depths, kernels, exp_r)
         self.mae = _Bottleneck(channels[4], int(mamba_depth), [s // 16 for s in size], d_state, d_conv, expand)
         self.decoder = _Decoder(channels, cout, norm_name, bool(deep_supervision))
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, value: bool) -> None:
-        self.decoder.deep_supervision = bool(value)
-
-    @property
-    def ds_scales(self) -> list[int]:
-        return list(self.decoder.ds_scales)
 
     def forward(self, x: torch.Tensor):
         check_input(type(self).__name__, x, 3, self.in_channels, divisor=self.divisor)

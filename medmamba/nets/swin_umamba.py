@@ -46,7 +46,8 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 
-from medmamba.nets.conventions import DeepSupervisionSwitch, check_input, resolve_channels, resolve_spatial_dims
+from medmamba.nets.conventions import (DecoderOwnsDeepSupervision, DeepSupervisionSwitch, check_input,
+                                        resolve_channels, resolve_spatial_dims)
 from medmamba.layers.vss import (FinalPatchExpand, PatchEmbed, PatchExpand, PatchMerging, VSSLayer,
                                to_channels_first, to_channels_last)
 
@@ -225,20 +226,8 @@ class _UNETRDecoder(DeepSupervisionSwitch, nn.Module):
         return outs if self.deep_supervision else outs[0]
 
 
-class _NetBase(nn.Module):
+class _NetBase(DecoderOwnsDeepSupervision, nn.Module):
     divisor = 32
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, value: bool) -> None:
-        self.decoder.deep_supervision = bool(value)
-
-    @property
-    def ds_scales(self) -> list[int]:
-        return list(self.decoder.ds_scales)
 
     def _check(self, x):
         check_input(type(self).__name__, x, self.spatial_dims, self.in_channels, divisor=self.divisor)
