@@ -43,7 +43,7 @@ def main():
             print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
             continue
         print(f"{name}: {time.perf_counter() - start:.1f} s, {os.path.getsize(path) / 2**20:.1f} MiB, "
-              f"relative |diff| {check['relative']:.1e}", flush=True)
+              f"relative L2 |diff| {check['relative']:.1e} (max {check['max_relative']:.1e})", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ OUT, beside ``model.onnx``, holds the preprocessing the exported network expects
 * from nnU-Net: ``plans.json`` (spacing, normalisation, patch size) and ``dataset.json`` as the predictor used
   them, and ``fold_<k>/model.onnx`` per fold;
 * ``onnx.json`` (``models/onnx.json`` for bundles): opset, input/output names and shapes, the source, and the
-  export check: max |ONNX Runtime - PyTorch| on a random window, refused above :data:`CHECK_TOLERANCE`.
+  export check: ||ONNX Runtime - PyTorch|| / ||PyTorch|| on a random window, refused above :data:`CHECK_TOLERANCE`
+  (max |difference| and argmax agreement recorded beside it).
 """
 from __future__ import annotations
 
@@ -34,8 +35,12 @@ import numpy as np
 from medmamba.clinic import imageio, predict as _predict
 
 DEFAULT_OPSET = 17
-# export check: max |ORT - torch| on the logits of one random window, relative to max |logit| (float32 noise is
-# ~1e-6; a wrongly exported op shows up as 1e-2 and more)
+# export check: ||ORT - torch|| / ||torch|| (L2) on the logits of one random window. Float32 noise is ~1e-6 to
+# 1e-4; a wrongly exported op shows up as 1e-2 and more. Not the maximum difference: Multi-Head Scan's route
+# attention (published formula) divides by the routes' spread, which is near zero at a few voxels, so rounding
+# there becomes visible (VM-UNet-MHS, 64x160x160, the eager and the traced scan formula, both 1e-7 from float64:
+# max 3.2e-3 of max |logit|, L2 2.2e-4, argmax equal at 99.997 % of the voxels). The maximum and the argmax
+# agreement are recorded beside it.
 CHECK_TOLERANCE = 1e-3
 
 
@@ -111,13 +116,19 @@ def export_network(net, shape, path: str, opset: int = DEFAULT_OPSET, seed: int 
         ref = ref[0]
     onnx.checker.check_model(tmp)
     seconds = time.perf_counter() - start
-    out = session(tmp).run(None, {"image": x.numpy()})[0]
-    diff, scale = float(np.abs(out - ref.numpy()).max()), float(np.abs(ref.numpy()).max())
-    check = {"max_abs_diff": diff, "max_abs_logit": scale, "relative": diff / max(scale, 1e-12),
-             "tolerance_relative": CHECK_TOLERANCE, "export_seconds": round(seconds, 1)}
-    if not check["relative"] <= CHECK_TOLERANCE:
+    # no memory arena: the check runs one window once, and the arena would keep the peak of every traced scan
+    out = session(tmp, memory_arena=False).run(None, {"image": x.numpy()})[0]
+    ref = ref.numpy()
+    diff, scale = float(np.abs(out - ref).max()), float(np.abs(ref).max())
+    rel_l2 = float(np.linalg.norm((out - ref).ravel()) / max(float(np.linalg.norm(ref.ravel())), 1e-12))
+    check = {"relative": rel_l2, "criterion": "relative L2: ||onnxruntime - torch|| / ||torch||",
+             "tolerance_relative": CHECK_TOLERANCE, "max_abs_diff": diff, "max_abs_logit": scale,
+             "max_relative": diff / max(scale, 1e-12),
+             "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).mean()), "export_seconds": round(seconds, 1)}
+    if not rel_l2 <= CHECK_TOLERANCE:
         os.remove(tmp)
-        raise RuntimeError(f"ONNX Runtime output differs from PyTorch: max |diff| {diff:.3g} (max |logit| {scale:.3g})")
+        raise RuntimeError(f"ONNX Runtime output differs from PyTorch: relative L2 {rel_l2:.3g} (limit "
+                           f"{CHECK_TOLERANCE:g}; max |diff| {diff:.3g}, max |logit| {scale:.3g})")
     os.replace(tmp, path)
     return check
 
@@ -221,7 +232,9 @@ def cmd_export(args) -> int:
         print(f"medmamba export: error: {exc}", file=sys.stderr)
         return 2
     checks = [info["check"]] if "max_abs_diff" in info["check"] else list(info["check"].values())
-    worst = max(c["relative"] for c in checks)
+    worst = max(checks, key=lambda c: c["relative"])
     print(f"wrote {args.out}: {info['network']} at {info['input_shape']}, opset {info['opset']}; "
-          f"ONNX Runtime vs PyTorch on a random window: max relative |diff| {worst:.1e} (limit {CHECK_TOLERANCE:g})")
+          f"ONNX Runtime vs PyTorch on a random window: relative L2 difference {worst['relative']:.1e} (limit "
+          f"{CHECK_TOLERANCE:g}; max |diff| {worst['max_relative']:.1e} of max |logit|, argmax equal at "
+          f"{100 * worst['argmax_agreement']:.3f} % of voxels)")
     return 0

@@ -31,10 +31,13 @@ def providers(device: str | torch.device = "cpu") -> list[str]:
     return [p for p in wanted if p in available]
 
 
-def session(path: str, device="cpu", threads: int | None = None):
+def session(path: str, device="cpu", threads: int | None = None, memory_arena: bool = True):
+    """An ONNX Runtime session; ``memory_arena=False`` frees each intermediate at once (a one-off run of a large
+    graph, e.g. the export check, peaks lower) instead of keeping ONNX Runtime's CPU arena."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = bool(memory_arena)
     if threads is None:
         threads = torch.get_num_threads()
     opts.intra_op_num_threads = max(1, int(threads))
