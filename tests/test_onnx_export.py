@@ -39,6 +39,19 @@ def test_registry_network_exports(tmp_path, name, kwargs, shape):
         ref = net.eval()(x)
     out = OnnxNetwork(str(tmp_path / "m.onnx"))(x)
     assert torch.allclose(out, ref, rtol=0, atol=CHECK_TOLERANCE * ref.abs().max())
+    assert check["max_relative"] <= CHECK_TOLERANCE and check["argmax_agreement"] >= 0.999
+    assert "relative L2" in check["criterion"]
+
+
+def test_onnxruntime_memory_arena_switch(tmp_path, monkeypatch):
+    from medmamba.clinic.onnx_runtime import session
+
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    torch.onnx.export(net, (torch.randn(1, 1, 4, 4, 4),), str(tmp_path / "c.onnx"), dynamo=False)
+    assert session(str(tmp_path / "c.onnx")).get_session_options().enable_cpu_mem_arena
+    assert not session(str(tmp_path / "c.onnx"), memory_arena=False).get_session_options().enable_cpu_mem_arena
+    monkeypatch.setenv("MEDMAMBA_ORT_MEMORY_ARENA", "0")
+    assert not session(str(tmp_path / "c.onnx")).get_session_options().enable_cpu_mem_arena
 
 
 @pytest.mark.skipif(not os.path.isfile(CT), reason=f"{CT} not found (set MEDMAMBA_DATA)")

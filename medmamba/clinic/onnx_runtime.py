@@ -31,11 +31,14 @@ def providers(device: str | torch.device = "cpu") -> list[str]:
     return [p for p in wanted if p in available]
 
 
-def session(path: str, device="cpu", threads: int | None = None, memory_arena: bool = True):
-    """An ONNX Runtime session; ``memory_arena=False`` frees each intermediate at once (a one-off run of a large
-    graph, e.g. the export check, peaks lower) instead of keeping ONNX Runtime's CPU arena."""
+def session(path: str, device="cpu", threads: int | None = None, memory_arena: bool | None = None):
+    """An ONNX Runtime session. ``memory_arena=False`` frees each intermediate at once instead of keeping ONNX
+    Runtime's CPU arena (which keeps the peak of every traced scan); None: the environment variable
+    MEDMAMBA_ORT_MEMORY_ARENA (0/1), else on."""
     import onnxruntime as ort
 
+    if memory_arena is None:
+        memory_arena = os.environ.get("MEDMAMBA_ORT_MEMORY_ARENA", "1").strip().lower() not in ("0", "false", "no", "off")
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = bool(memory_arena)
     if threads is None:
