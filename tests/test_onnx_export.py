@@ -48,10 +48,11 @@ def test_onnxruntime_memory_arena_switch(tmp_path, monkeypatch):
 
     net = torch.nn.Conv3d(1, 2, 3, padding=1)
     torch.onnx.export(net, (torch.randn(1, 1, 4, 4, 4),), str(tmp_path / "c.onnx"), dynamo=False)
+    monkeypatch.delenv("MEDMAMBA_ORT_MEMORY_ARENA", raising=False)
+    assert not session(str(tmp_path / "c.onnx")).get_session_options().enable_cpu_mem_arena  # default: off
+    assert session(str(tmp_path / "c.onnx"), memory_arena=True).get_session_options().enable_cpu_mem_arena
+    monkeypatch.setenv("MEDMAMBA_ORT_MEMORY_ARENA", "1")
     assert session(str(tmp_path / "c.onnx")).get_session_options().enable_cpu_mem_arena
-    assert not session(str(tmp_path / "c.onnx"), memory_arena=False).get_session_options().enable_cpu_mem_arena
-    monkeypatch.setenv("MEDMAMBA_ORT_MEMORY_ARENA", "0")
-    assert not session(str(tmp_path / "c.onnx")).get_session_options().enable_cpu_mem_arena
 
 
 @pytest.mark.skipif(not os.path.isfile(CT), reason=f"{CT} not found (set MEDMAMBA_DATA)")
