@@ -879,8 +879,9 @@ def _sub_pixel_last(x, r):
     return x.view(b, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c)
 
 
-def official_mhs_vm_forward(img, sd, dims, depths, dec_depths, families, t):
-    """MHS-VM VSSM.forward (forward_features, forward_features_up, forward_final), eval mode."""
+def official_vssm_forward(img, sd, depths, dec_depths, block):
+    """The VSSM.forward MHS-VM and VM-UNet share (forward_features, forward_features_up, forward_final), eval
+    mode, logits; ``block(x, sd, prefix)`` is the network's VSS block."""
     v = lambda k: sd[f"vmunet.{k}"]
     ln = lambda t_, q: F.layer_norm(t_, (t_.shape[-1],), v(f"{q}.weight"), v(f"{q}.bias"))
     x = ln(F.conv2d(img, v("patch_embed.proj.weight"), v("patch_embed.proj.bias"), stride=4).permute(0, 2, 3, 1),
@@ -889,7 +890,7 @@ def official_mhs_vm_forward(img, sd, dims, depths, dec_depths, families, t):
     for i, d in enumerate(depths):
         skips.append(x)
         for j in range(d):
-            x = official_vss_gate(x, sd, f"vmunet.layers.{i}.blocks.{j}", families, t)
+            x = block(x, sd, f"vmunet.layers.{i}.blocks.{j}")
         if i < len(depths) - 1:
             x = official_patch_merging_2d(x, v(f"layers.{i}.downsample.norm.weight"), v(f"layers.{i}.downsample.norm.bias"),
                                           v(f"layers.{i}.downsample.reduction.weight"))
@@ -898,9 +899,14 @@ def official_mhs_vm_forward(img, sd, dims, depths, dec_depths, families, t):
             x = x + skips[-i]
             x = ln(_sub_pixel_last(x @ v(f"layers_up.{i}.upsample.expand.weight").t(), 2), f"layers_up.{i}.upsample.norm")
         for j in range(d):
-            x = official_vss_gate(x, sd, f"vmunet.layers_up.{i}.blocks.{j}", families, t)
+            x = block(x, sd, f"vmunet.layers_up.{i}.blocks.{j}")
     x = ln(_sub_pixel_last(x @ v("final_up.expand.weight").t(), 4), "final_up.norm")
     return F.conv2d(x.permute(0, 3, 1, 2), v("final_conv.weight"), v("final_conv.bias"))
+
+
+def official_mhs_vm_forward(img, sd, dims, depths, dec_depths, families, t):
+    """MHS-VM VSSM.forward, eval mode."""
+    return official_vssm_forward(img, sd, depths, dec_depths, lambda x, sd_, p: official_vss_gate(x, sd_, p, families, t))
 
 
 def test_mhs_vm_whole_network_matches_official_forward():
@@ -1009,27 +1015,8 @@ def official_ss2d_vss_block(x, sd, p):
 
 
 def official_vm_unet_forward(img, sd, depths, dec_depths):
-    """VSSM.forward of VM-UNet (forward_features, forward_features_up, forward_final), eval mode, logits."""
-    v = lambda k: sd[f"vmunet.{k}"]
-    ln = lambda t_, q: F.layer_norm(t_, (t_.shape[-1],), v(f"{q}.weight"), v(f"{q}.bias"))
-    x = ln(F.conv2d(img, v("patch_embed.proj.weight"), v("patch_embed.proj.bias"), stride=4).permute(0, 2, 3, 1),
-           "patch_embed.norm")
-    skips = []
-    for i, d in enumerate(depths):
-        skips.append(x)
-        for j in range(d):
-            x = official_ss2d_vss_block(x, sd, f"vmunet.layers.{i}.blocks.{j}")
-        if i < len(depths) - 1:
-            x = official_patch_merging_2d(x, v(f"layers.{i}.downsample.norm.weight"), v(f"layers.{i}.downsample.norm.bias"),
-                                          v(f"layers.{i}.downsample.reduction.weight"))
-    for i, d in enumerate(dec_depths):
-        if i > 0:
-            x = x + skips[-i]
-            x = ln(_sub_pixel_last(x @ v(f"layers_up.{i}.upsample.expand.weight").t(), 2), f"layers_up.{i}.upsample.norm")
-        for j in range(d):
-            x = official_ss2d_vss_block(x, sd, f"vmunet.layers_up.{i}.blocks.{j}")
-    x = ln(_sub_pixel_last(x @ v("final_up.expand.weight").t(), 4), "final_up.norm")
-    return F.conv2d(x.permute(0, 3, 1, 2), v("final_conv.weight"), v("final_conv.bias"))
+    """VSSM.forward of VM-UNet, eval mode, logits."""
+    return official_vssm_forward(img, sd, depths, dec_depths, official_ss2d_vss_block)
 
 
 def test_vm_unet_checkpoint_converts_and_matches_official_forward():

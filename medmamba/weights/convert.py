@@ -544,10 +544,7 @@ def swin_umamba_d_key(k: str, n: int) -> str | None:
         return "encoder." + _vss_key(k[len("vssm_encoder."):])
     m = re.match(r"decoder\.expand_layers\.(\d+)\.(expand\.weight|norm\.weight|norm\.bias)$", k)
     if m:
-        s_ = int(m.group(1))
-        if s_ == n - 1:
-            return f"decoder.final_expand.{m.group(2)}"
-        return f"decoder.expands.{n - 2 - s_}.{m.group(2)}" if s_ < n - 1 else None
+        return _decoder_step_key(int(m.group(1)), n, "final_expand", "expands", m.group(2))
     m = re.match(r"decoder\.concat_back_dim\.(\d+)\.(weight|bias)$", k)
     if m and int(m.group(1)) < n - 1:
         return f"decoder.concat_back.{n - 2 - int(m.group(1))}.{m.group(2)}"
@@ -556,11 +553,16 @@ def swin_umamba_d_key(k: str, n: int) -> str | None:
         return _vss_key(f"decoder.layers.{n - 2 - int(m.group(1))}.{m.group(2)}")
     m = re.match(r"decoder\.seg_layers\.(\d+)\.(weight|bias)$", k)
     if m:
-        s_ = int(m.group(1))
-        if s_ == n - 1:
-            return f"decoder.final_head.{m.group(2)}"
-        return f"decoder.heads.{n - 2 - s_}.{m.group(2)}" if s_ < n - 1 else None
+        return _decoder_step_key(int(m.group(1)), n, "final_head", "heads", m.group(2))
     return None
+
+
+def _decoder_step_key(step: int, n: int, final: str, per_level: str, rest: str):
+    """Swin-UMamba-D decoder step (deepest first) -> ours: the last step is ``final``, step k < n - 1 is level
+    n - 2 - k of ``per_level``; beyond: None."""
+    if step == n - 1:
+        return f"decoder.{final}.{rest}"
+    return f"decoder.{per_level}.{n - 2 - step}.{rest}" if step < n - 1 else None
 
 
 def _swin_d_fresh3d(make) -> tuple:
