@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--redo", action="store_true", help="rerun what OUT/results.json already has")
+    ap.add_argument("--keep-exports", action="store_true", help="with --redo: predict again with the ONNX exports "
+                    "OUT already has (e.g. with another MEDMAMBA_ORT_MEMORY_ARENA)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per export / predict process")
     ap.add_argument("--export-max-gib", type=float, default=None,
                     help="address-space cap of the export process (tracing a long scan holds a lot of memory)")
@@ -105,7 +107,7 @@ def main():
             m = model
             if rt == "onnxruntime":
                 m = out / net / "onnx"
-                if not (m / "onnx.json").exists() or args.redo:
+                if not (m / "onnx.json").exists() or (args.redo and not args.keep_exports):
                     rc, rss, wall = timed([*med, "export", str(model), "--format", "onnx", str(m), "--overwrite"], env,
                                           args.timeout, args.export_max_gib)
                     if rc:

@@ -115,7 +115,7 @@ def test_torch_traced_forward(monkeypatch, steps, block, shape):
     """The forward recorded under tracing (ONNX export): several levels of sub-chunks, padding, several blocks,
     groups; against the reference."""
     monkeypatch.setattr(scan_torch, "_FWD_STEPS", steps)
-    monkeypatch.setattr(scan_torch, "_TRACED_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(scan_torch, "_TRACED_SLAB_ELEMENTS", block)
     b, d, L, n, g = shape
     xs = [x.detach() if x is not None else None for x in make_inputs(b, d, L, n, g, seed=7)]
     if g is None:

@@ -33,13 +33,15 @@ def providers(device: str | torch.device = "cpu") -> list[str]:
 
 def session(path: str, device="cpu", threads: int | None = None, memory_arena: bool | None = None):
     """An ONNX Runtime session. ``memory_arena`` (None: the environment variable MEDMAMBA_ORT_MEMORY_ARENA, 0/1,
-    default 0): ONNX Runtime's CPU arena keeps the peak of every traced scan block; without it each intermediate
-    is freed at once. Measured (STS_002, 2 threads, docs/benchmarks.md): VM-UNet-MHS 24.1 s / 16.7 GiB with the
-    arena, 21.8 s / 10.2 GiB without; PlainConvUNet 15.1 s / 2.5 GiB and 14.7 s / 2.0 GiB."""
+    default 1): ONNX Runtime's CPU arena keeps freed blocks for reuse. The exported scan runs in ONNX Loop bodies
+    whose step tensors are allocated anew every step; without the arena each of those allocations costs page faults
+    (whole CT, ibsi_sts plans' windows, docs/benchmarks.md: the networks with scans run 16-42 % faster with it and
+    take 1.3-1.8x the memory, LightM-UNet 172 s / 20.2 GiB against 216 s / 11.1 GiB). MEDMAMBA_ORT_MEMORY_ARENA=0
+    trades that time for memory."""
     import onnxruntime as ort
 
     if memory_arena is None:
-        memory_arena = os.environ.get("MEDMAMBA_ORT_MEMORY_ARENA", "0").strip().lower() not in ("0", "false", "no", "off")
+        memory_arena = os.environ.get("MEDMAMBA_ORT_MEMORY_ARENA", "1").strip().lower() not in ("0", "false", "no", "off")
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = bool(memory_arena)
     if threads is None:

@@ -172,25 +172,85 @@ def _blocked_forward(u, delta, A, B, C, delta_bias, softplus, T):
     return y, h, starts
 
 
-# Traced forward (``_traced_forward``, ONNX export): elements of one (tokens, batch, dim, N) block; fewer, larger
-# blocks give a smaller graph (the trace unrolls the loop over blocks), larger ones more memory (256 MiB each).
-_TRACED_BLOCK_ELEMENTS = 1 << 26
+# Traced forward (``_traced_forward``, ONNX export): elements of one (sub-chunks, batch, dim, N) slab, the
+# largest tensor the traced scan holds (a few live at once: 64 MiB each). A block of tokens is ``_FWD_STEPS``
+# slabs; fewer, larger blocks give a smaller graph (the trace unrolls the loop over blocks).
+_TRACED_SLAB_ELEMENTS = 1 << 24
+
+# The loops over the steps of a sub-chunk are TorchScript functions (``_scripted``), exported as ONNX Loop
+# operators. Unrolled, ONNX Runtime's execution order (by node index) computes the independent per-step products
+# (decays, inputs, outputs) long before the recurrence needs them and keeps them all alive: the scan of
+# LightM-UNet's first stage (dim 64, 204,800 tokens) ran at about 2 GB above the session's memory unrolled,
+# 0.01 GB in loops (0.26 GB with ONNX Runtime's arena); scripts/bench_traced_scan.py.
+_SCRIPTED: dict = {}
+
+
+def _scripted(fn):
+    """``fn`` compiled by ``torch.jit.script`` on first use (so importing medmamba neither compiles nor warns)."""
+    if fn.__name__ not in _SCRIPTED:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, ONNX Loop export not
+            _SCRIPTED[fn.__name__] = torch.jit.script(fn)
+    return _SCRIPTED[fn.__name__]
+
+
+def _loop_ends(a2: torch.Tensor, b2: torch.Tensor):
+    """(S, nc, ...) decays and inputs of S steps of nc sub-chunks -> (product of the decays, state after the S steps
+    from a zero state), (nc, ...) each."""
+    p, h = a2[0], b2[0]
+    for t in range(1, a2.shape[0]):
+        h = h * a2[t] + b2[t]
+        p = p * a2[t]
+    return p, h
+
+
+def _loop_states(a2: torch.Tensor, b2: torch.Tensor, h: torch.Tensor):
+    """The states after each of S steps of nc sub-chunks entered with states h (nc, ...): (nc, S, ...)."""
+    hs = []
+    for t in range(a2.shape[0]):
+        h = h * a2[t] + b2[t]
+        hs.append(h)
+    return torch.stack(hs, 1)
+
+
+def _loop_scan_ends(dtS: torch.Tensor, dtuS: torch.Tensor, BS: torch.Tensor, A: torch.Tensor):
+    """Decays exp(dt A) and inputs dt u B made step by step from (S, nc, batch, G, Dg) dt and dt u and
+    (S, nc, batch, G, N) B; A (G, Dg, N). Returns the state after the S steps of each sub-chunk from zero."""
+    h = dtuS[0].unsqueeze(-1) * BS[0].unsqueeze(-2)
+    for t in range(1, dtS.shape[0]):
+        h = h * torch.exp(dtS[t].unsqueeze(-1) * A) + dtuS[t].unsqueeze(-1) * BS[t].unsqueeze(-2)
+    return h
+
+
+def _loop_scan_outputs(dtS: torch.Tensor, dtuS: torch.Tensor, BS: torch.Tensor, CS: torch.Tensor,
+                       A: torch.Tensor, h: torch.Tensor):
+    """As ``_loop_scan_ends`` from the entering states h (nc, batch, G, Dg, N); returns C_t . h_t of every step,
+    (nc, S, batch, G, Dg)."""
+    ys = []
+    for t in range(dtS.shape[0]):
+        h = h * torch.exp(dtS[t].unsqueeze(-1) * A) + dtuS[t].unsqueeze(-1) * BS[t].unsqueeze(-2)
+        ys.append(torch.matmul(h, CS[t].unsqueeze(-1)).squeeze(-1))
+    return torch.stack(ys, 1)
+
+
+def _entering(ends, h0):
+    """States entering the sub-chunks from the true states at their ends (nc, ...) and the state before (None: 0)."""
+    first = torch.zeros_like(ends[:1]) if h0 is None else h0.unsqueeze(0)
+    return torch.cat([first, ends[:-1]]) if ends.shape[0] > 1 else first
 
 
 def _traced_states(a, b, h0=None):
     """The states of h_t = a_t h_{t-1} + b_t along dim 0 of (n, ...) tensors, h0 (...) the state before (None:
-    zero); out of place, for tracing. Sub-chunks of ``_FWD_STEPS`` steps are scanned from zero states (with the
-    running products of the decays), and the states entering them come from the same function applied to the
-    sub-chunk ends: log_S(n) levels of S unrolled steps, so the traced graph does not grow with n."""
+    zero); out of place, for tracing. Two passes over sub-chunks of ``_FWD_STEPS`` steps, all sub-chunks at once:
+    each from a zero state (its end and product of decays), then, from the states entering them (this function
+    on the ends, recursively: log_S(n) levels), again. Every multiplier is a product of decays <= 1."""
     n = a.shape[0]
     S = _FWD_STEPS
     if n <= S:
-        h = b[0] if h0 is None else torch.addcmul(b[0], a[0], h0)
-        hs = [h]
-        for t in range(1, n):
-            h = torch.addcmul(b[t], a[t], h)
-            hs.append(h)
-        return torch.stack(hs)
+        h0 = torch.zeros_like(b[0]) if h0 is None else h0
+        return _scripted(_loop_states)(a.unsqueeze(1), b.unsqueeze(1), h0)[0]
     nc = (n + S - 1) // S  # not -(-n // S): sizes traced for ONNX floor-divide negatives towards zero
     rest = a.shape[1:]
     if nc * S != n:  # pad with decay 1, input 0
@@ -198,42 +258,46 @@ def _traced_states(a, b, h0=None):
         b = torch.cat([b, torch.zeros((nc * S - n, *rest), dtype=b.dtype, device=b.device)])
     a2 = a.reshape(nc, S, *rest).transpose(0, 1)  # (S, nc, ...): step t of every sub-chunk
     b2 = b.reshape(nc, S, *rest).transpose(0, 1)
-    h, p = b2[0], a2[0]
-    hs, ps = [h], [p]
-    for t in range(1, S):
-        h = torch.addcmul(b2[t], a2[t], h)
-        p = p * a2[t]
-        hs.append(h)
-        ps.append(p)
-    ends = _traced_states(p, h, h0)  # the true states at the sub-chunk ends
-    first = torch.zeros_like(ends[:1]) if h0 is None else h0.unsqueeze(0)
-    entering = torch.cat([first, ends[:-1]])
-    states = torch.stack(hs) + torch.stack(ps) * entering.unsqueeze(0)  # (S, nc, ...)
-    return states.transpose(0, 1).reshape(nc * S, *rest)[:n]
+    p, hz = _scripted(_loop_ends)(a2, b2)
+    ends = _traced_states(p, hz, h0)  # the true states at the sub-chunk ends
+    return _scripted(_loop_states)(a2, b2, _entering(ends, h0)).reshape(nc * S, *rest)[:n]
 
 
 def _traced_forward(u, delta, A, B, C, delta_bias, softplus):
     """Forward without D and z for tracing (ONNX export): out-of-place ops only, outputs concatenated, no saved
-    states. Blocks of tokens laid out (tokens, batch, G, Dg, N), scanned by ``_traced_states``.
+    states. A block of tokens is cut into sub-chunks of ``_FWD_STEPS`` steps laid out (steps, sub-chunks, batch,
+    G, Dg); the two passes (``_loop_scan_ends``, then ``_loop_scan_outputs`` from the entering states that
+    ``_traced_states`` gives from the sub-chunk ends) make each step's decays and inputs (sub-chunks, batch, G,
+    Dg, N) from these small tensors inside their loops, so no (tokens, ..., N) tensor exists. The product of a
+    sub-chunk's decays is exp(A sum(dt)).
     Returns (y float32 (batch, dim, L), last state (batch, G, Dg, N), None)."""
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
     dg = dim // groups
-    block = max(1, _TRACED_BLOCK_ELEMENTS // (batch * dim * dstate))
+    S = _FWD_STEPS
+    block = S * max(1, _TRACED_SLAB_ELEMENTS // (batch * dim * dstate))
     A_v = A.float().reshape(groups, dg, dstate)
     h, ys = None, []
     for s in range(0, length, block):
         e = min(s + block, length)
         n = e - s
+        nc = (n + S - 1) // S
         dt = _delta(delta[:, :, s:e], delta_bias, softplus)
         dtu = dt * u[:, :, s:e].float()
-        dtT = dt.reshape(batch, groups, dg, n).permute(3, 0, 1, 2)  # (n, batch, G, Dg)
-        dtuT = dtu.reshape(batch, groups, dg, n).permute(3, 0, 1, 2)
-        a = torch.exp(dtT.unsqueeze(-1) * A_v)  # (n, batch, G, Dg, N)
-        b = dtuT.unsqueeze(-1) * B[..., s:e].float().permute(3, 0, 1, 2).unsqueeze(3)
-        hs = _traced_states(a, b, h)
-        ys.append(torch.matmul(hs, C[..., s:e].float().permute(3, 0, 1, 2).unsqueeze(-1)).squeeze(-1))
-        h = hs[-1]
+        Bc, Cc = B[..., s:e].float(), C[..., s:e].float()
+        if nc * S != n:  # pad with dt = 0 (decay 1, input 0: the state carries)
+            pad = (0, nc * S - n)
+            dt, dtu, Bc, Cc = (F.pad(x, pad) for x in (dt, dtu, Bc, Cc))
+
+        def steps_first(x, inner):  # (batch, G, inner, nc * S) -> (S, nc, batch, G, inner)
+            return x.reshape(batch, groups, inner, nc, S).permute(4, 3, 0, 1, 2).contiguous()
+        dtS, dtuS = steps_first(dt, dg), steps_first(dtu, dg)
+        BS, CS = steps_first(Bc, dstate), steps_first(Cc, dstate)
+        p = torch.exp(dtS.sum(0).unsqueeze(-1) * A_v)  # (nc, batch, G, Dg, N)
+        ends = _traced_states(p, _scripted(_loop_scan_ends)(dtS, dtuS, BS, A_v), h)
+        y = _scripted(_loop_scan_outputs)(dtS, dtuS, BS, CS, A_v, _entering(ends, h))  # (nc, S, batch, G, Dg)
+        ys.append(y.reshape(nc * S, batch, groups, dg)[:n])
+        h = ends[-1]
     y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (L, batch, G, Dg)
     return y.permute(1, 2, 3, 0).reshape(batch, dim, length), h, None
 
