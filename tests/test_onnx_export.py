@@ -140,8 +140,8 @@ def test_traced_scan_exports_as_loops(tmp_path, monkeypatch, block_tokens):
 
     import onnx
 
-    from medmamba.kernels import scan_torch
     from medmamba.clinic.onnx_runtime import session
+    from medmamba.kernels import scan_torch, selective_scan_ref
 
     dim, length, dstate, groups = 6, 1234, 4, 2
     monkeypatch.setattr(scan_torch, "_TRACED_SLAB_ELEMENTS", block_tokens // scan_torch._FWD_STEPS * dim * dstate)
@@ -162,15 +162,9 @@ def test_traced_scan_exports_as_loops(tmp_path, monkeypatch, block_tokens):
     ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
     assert ops["Loop"] >= 3 and ops["Exp"] <= 2 * (length // block_tokens + 1), ops
     y, last = session(path).run(None, dict(u=u.numpy(), delta=delta.numpy(), B=B.numpy(), C=C.numpy()))
-    # float64 recurrence
-    d = [x.double() for x in (u, delta, A, B, C, bias)]
-    dt = torch.nn.functional.softplus(d[1][0] + d[5][:, None])
-    h = torch.zeros(dim, dstate, dtype=torch.float64)
-    Bg, Cg = d[3][0].repeat_interleave(dim // groups, 0), d[4][0].repeat_interleave(dim // groups, 0)
-    ref = torch.empty(dim, length, dtype=torch.float64)
-    for t in range(length):
-        h = torch.exp(dt[:, t, None] * d[2]) * h + (dt[:, t] * d[0][0, :, t])[:, None] * Bg[:, :, t]
-        ref[:, t] = (h * Cg[:, :, t]).sum(1)
+    ref, h = selective_scan_ref(*(t.double() for t in (u, delta, A, B, C)), delta_bias=bias.double(),
+                                delta_softplus=True, return_last_state=True)
+    ref, h = ref[0], h[0].double()
     assert float((torch.from_numpy(y)[0].double() - ref).norm() / ref.norm()) < 1e-6
     torch.testing.assert_close(torch.from_numpy(last)[0].double().reshape(dim, dstate), h, rtol=1e-5, atol=1e-5)
 
